@@ -1,0 +1,108 @@
+"""Small I/O building blocks: atomic writes, atomic directory publication, PNG coding, fingerprints.
+
+Every dataset, checkpoint or bundle the platform writes becomes visible only when complete: files
+are written under a temporary name and renamed; directories are assembled beside their final place
+and renamed into it (a rename within one filesystem is atomic on POSIX).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .errors import ConsistentAvatarError
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def staging_dir(final: Path) -> Path:
+    """A fresh, hidden directory beside ``final`` to assemble its contents in."""
+    tmp = final.parent / f".{final.name}.staging-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_dir(staged: Path, final: Path) -> None:
+    """Move a fully written ``staged`` directory to ``final``, replacing any previous version.
+
+    The old version is first renamed aside, so at no moment is a half-written directory visible
+    under ``final``; the old copy is deleted only after the new one is in place.
+    """
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(staged, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_staging(parent: Path) -> list[Path]:
+    """Delete leftovers of killed runs (``.*.staging-*`` / ``.*.old-*``) under ``parent``."""
+    removed = []
+    if parent.is_dir():
+        for p in parent.iterdir():
+            if p.name.startswith(".") and (".staging-" in p.name or ".old-" in p.name or ".tmp-" in p.name):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def encode_png(image: np.ndarray, compression: int = 1) -> bytes:
+    """Lossless PNG bytes of an RGB (H,W,3) or grey (H,W) uint8 image.
+
+    Level 1 compression: the shards trade ~10% size for several times faster encoding.
+    """
+    if image.dtype != np.uint8:
+        raise ConsistentAvatarError(f"encode_png expects uint8, got {image.dtype}")
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    if not ok:
+        raise ConsistentAvatarError(f"could not PNG-encode an image of shape {image.shape}")
+    return buf.tobytes()
+
+
+def decode_png(data: bytes, channels: int = 3) -> np.ndarray:
+    """Decode PNG bytes to uint8 RGB (H,W,3) when ``channels`` is 3, or grey (H,W) when 1."""
+    flag = cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    if img is None:
+        raise ConsistentAvatarError("corrupt PNG bytes in a shard: re-run `cavatar prepare --force`")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if channels == 3 else img
+
+
+def fingerprint_of(obj: Any) -> str:
+    """Stable short hash of a JSON-serialisable object (configs, file listings)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

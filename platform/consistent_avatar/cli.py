@@ -51,6 +51,7 @@ def _prepare_config(args: argparse.Namespace):  # -> PrepareConfig
         tsd=TSDConfig(**tsd_kwargs),
         emotion_db=args.emotion_db,
         smoothing_window=args.smoothing,
+        emotion_metric=args.emotion_metric,
         clip_path=args.clip,
         vae_path=args.vae,
         frames_per_task=args.frames_per_task,
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--omega", type=float, default=None, help="TSD radius at 512² (default 10)")
     r.add_argument("--emotion-db", default=None, help="emotion database (default: <source>/emotion_db.parquet)")
     r.add_argument("--smoothing", type=int, default=1, help="temporal majority window for emotion labels")
+    r.add_argument("--emotion-metric", choices=["cosine", "euclidean"], default="cosine",
+                   help="cosine = paper eq. 7; euclidean labels neutral frames far better on synthetic actors")
     r.add_argument("--clip", default=None, help="local CLIP text encoder folder (default: random-init encoder)")
     r.add_argument("--vae", default=None, help="local AutoencoderKL folder: store VAE latents too")
     r.add_argument("--frames-per-task", type=int, default=16)

@@ -519,7 +519,7 @@ def build_emotion_db(
 
 
 def _as_matrix(expressions: Any, where: str) -> torch.Tensor:
-    x = expressions if isinstance(expressions, torch.Tensor) else torch.from_numpy(np.asarray(expressions))
+    x = expressions if isinstance(expressions, torch.Tensor) else torch.from_numpy(np.array(expressions))
     if x.ndim != 2 or x.shape[1] != EXPRESSION_DIM:
         raise ConsistentAvatarError(
             f"{where}: expressions must be (M, {EXPRESSION_DIM}), got {tuple(x.shape)}"
@@ -565,7 +565,7 @@ class EmotionLabeller:
         self.query_chunk_size = int(query_chunk_size or 16384)
         if self.chunk_size < 1 or self.query_chunk_size < 1:
             raise ConsistentAvatarError("EmotionLabeller: chunk sizes must be >= 1")
-        e = torch.from_numpy(db.expressions)
+        e = torch.from_numpy(np.array(db.expressions, dtype=np.float32))  # own, writable copy
         norms = e.norm(dim=1)
         ok = norms > ZERO_NORM_EPS if metric == "cosine" else torch.ones(len(e), dtype=torch.bool)
         if not bool(ok.all()):
@@ -581,7 +581,7 @@ class EmotionLabeller:
                 dropped,
                 db.sources[first],
             )
-        labels = torch.from_numpy(db.labels)[ok]
+        labels = torch.from_numpy(np.array(db.labels))[ok]
         order = torch.argsort(labels, stable=True)
         rows = (e[ok] / norms[ok, None] if metric == "cosine" else e)[order]
         self.labels = labels[order]

@@ -35,7 +35,7 @@ import traceback
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -84,6 +84,9 @@ class PrepareConfig(BaseModel):
     tsd: TSDConfig = Field(default_factory=TSDConfig)
     emotion_db: str | None = Field(None, description="emotion database parquet; default: <source>/emotion_db.parquet")
     smoothing_window: int = Field(1, ge=1, description="temporal majority smoothing of emotion labels (odd)")
+    emotion_metric: Literal["cosine", "euclidean"] = Field(
+        "cosine", description="nearest-neighbour metric: cosine is the paper's eq. 7; euclidean labels neutral frames far better"
+    )
     clip_path: str | None = Field(None, description="local CLIP text encoder dir; default: random-init encoder")
     vae_path: str | None = Field(None, description="local AutoencoderKL dir; when set, VAE latents are stored")
     frames_per_task: int = Field(16, ge=1, le=4096)
@@ -92,7 +95,7 @@ class PrepareConfig(BaseModel):
     force: bool = False
 
     def output_fingerprint(self, emotion_db_fp: str, emotion_source: str) -> str:
-        keep = self.model_dump(include={"resolution", "test_frames", "tsd", "smoothing_window", "vae_path"})
+        keep = self.model_dump(include={"resolution", "test_frames", "tsd", "smoothing_window", "emotion_metric", "vae_path"})
         return fingerprint_of({**keep, "emotion_db": emotion_db_fp, "emotion_text": emotion_source, "schema": SCHEMA_VERSION})
 
 
@@ -336,7 +339,7 @@ def prepare(sources: list[str], out: str | Path, config: PrepareConfig | None = 
 
     db_path = _find_emotion_db(config, sources)
     db = EmotionDatabase.read(db_path)
-    labeller = EmotionLabeller(db)
+    labeller = EmotionLabeller(db, metric=config.emotion_metric)
     embeddings, text_source = _emotion_text_table(config)
     config_fp = config.output_fingerprint(_file_fingerprint(db_path), text_source)
 
@@ -381,11 +384,7 @@ def prepare(sources: list[str], out: str | Path, config: PrepareConfig | None = 
         except ActorDataError as exc:
             report.failed[a.name] = str(exc)
             continue
-        ids, sim = labeller.label(tr.expression)
-        if config.smoothing_window > 1:
-            from ..emotion import smooth_labels
-
-            ids = smooth_labels(ids, config.smoothing_window)
+        ids, sim = labeller.label(tr.expression, smoothing_window=config.smoothing_window)
         ids = np.asarray(ids, dtype=np.int64)
         k = a.num_frames
         test = config.test_frames if config.test_frames is not None else default_test_frames(k)
@@ -472,7 +471,7 @@ def prepare(sources: list[str], out: str | Path, config: PrepareConfig | None = 
         out,
         config,
         {"database": str(db_path), "database_vectors": int(len(db.labels)), "text_embedding": text_source,
-         "embedding_dim": int(embeddings.shape[1]), "smoothing_window": config.smoothing_window},
+         "embedding_dim": int(embeddings.shape[1]), "smoothing_window": config.smoothing_window, "metric": config.emotion_metric},
         report.failed,
     )
     report.seconds = time.perf_counter() - t0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -61,18 +62,12 @@ def _prepare_config(args: argparse.Namespace):  # -> PrepareConfig
     )
 
 
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, configure_logging=False, include_dashboard=False)
-
-
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import prepare
 
     config = _prepare_config(args)
-    _init_ray(args.address)
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address  # prepare() starts Ray only once its inputs check out
     report = prepare(args.sources, args.out, config)
     print(report.table())
     if report.failed:

@@ -675,8 +675,10 @@ def test_damaged_video_frame_is_reported_by_index(tmp_path: Path) -> None:
         a.read_frames(range(8))
     bad = info.value.frame
     assert bad is not None and 0 < bad < 8
-    fb = a.read_frames(range(bad))  # the frames before it still decode
-    _assert_video_frames(fb.real_rgb, t.real, list(range(bad)))
+    # The frames before it still decode. The frame just before the first failing one may hold the cut
+    # itself, which FFmpeg conceals instead of failing on, so it is not compared.
+    fb = a.read_frames(range(bad - 1))
+    _assert_video_frames(fb.real_rgb, t.real, list(range(bad - 1)))
 
 
 def test_decord_row_padding_bug_is_explained(tmp_path: Path) -> None:

@@ -50,14 +50,14 @@ class VideoFrames:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
-    def _open(self) -> Any:
+    def _open(self, num_threads: int = 0) -> Any:
         if self._reader is None:
             if not self.path.is_file():
                 raise ActorDataError(self.actor, f"{self.label} is missing: expected the file {self.path}")
             from decord import VideoReader, cpu
 
             try:
-                self._reader = VideoReader(str(self.path), ctx=cpu(0))
+                self._reader = VideoReader(str(self.path), ctx=cpu(0), num_threads=num_threads)
             except Exception as exc:  # decord raises RuntimeError / DECORDError for unreadable input
                 raise ActorDataError(
                     self.actor,
@@ -127,9 +127,12 @@ class VideoFrames:
                 "another width, e.g. a multiple of 32",
                 int(uniq[0]),
             )
+        # A multi-threaded decoder reads packets ahead, so a damaged later frame can fail the
+        # decode of an earlier one: locate the failure with a single-threaded decoder.
+        self.close()
         for i in uniq.tolist():
             try:
-                self._open().get_batch([i]).asnumpy()
+                self._open(num_threads=1).get_batch([i]).asnumpy()
             except ActorDataError:
                 raise
             except Exception as one:
@@ -140,6 +143,7 @@ class VideoFrames:
                     "the file is damaged; re-export or re-encode it",
                     i,
                 )
+        self.close()  # back to the default (multi-threaded) decoder for later reads
         return ActorDataError(
             self.actor,
             f"{self.label} ({self.path}): decoding frames {int(uniq[0])}..{int(uniq[-1])} failed "

@@ -422,7 +422,7 @@ def prepare(sources: list[str], out: str | Path, config: PrepareConfig | None = 
                 "use_gpu": config.num_gpus_per_worker > 0,
             },
             batch_size=1,
-            concurrency=workers,
+            compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=1,
             num_gpus=config.num_gpus_per_worker or None,
         )

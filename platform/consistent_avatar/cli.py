@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run every stage that exists on embedded defaults")
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(func=_cmd_demo)
+
+    from .training.cli import register_cli as register_train
+
+    register_train(sub)
     return p
 
 

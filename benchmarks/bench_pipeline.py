@@ -1,0 +1,234 @@
+"""Render pipeline throughput: ms per frame and frames/s over sampling steps × batch size.
+
+Random weights of the chosen preset (timings do not depend on the values), the full method
+(coarse TSD → stage 2 → stage 3 → VAE decode; no refiner) with the LCM sampler by default. Inputs
+are created on the target device, so the figures are the pipeline's own (no host→device copies).
+Each configuration runs ``--warmup`` untimed calls (scheduler set-up, cuDNN autotuning, compilation
+with ``--compile``), then ``--iters`` timed calls with ``torch.cuda.synchronize`` around each;
+the table reports the median. Writes JSON with the command, the machine and a timestamp.
+
+    PYTHONPATH=platform python benchmarks/bench_pipeline.py                       # tiny, CPU, fp32
+    PYTHONPATH=platform python benchmarks/bench_pipeline.py --preset sd15 --device cuda --dtype bf16 \\
+        --steps 1 2 4 8 --batch 1 2 4 8 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    import diffusers
+
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "nproc": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+        info["loadavg_1m"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info |= {
+            "gpu": props.name,
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+        }
+    return info
+
+
+def build_pipeline(preset_name: str, device: torch.device, dtype: torch.dtype, seed: int) -> Any:
+    """Random-weight TSDM + FCSD (both variants share the weights: same shapes, same cost)."""
+    from consistent_avatar.bundle import EmotionTable
+    from consistent_avatar.data.layout import EMOTIONS
+    from consistent_avatar.models import build_fcsd, build_tsdm, load_preset, load_shared_components
+    from consistent_avatar.pipeline import ConsistentAvatarPipeline
+
+    preset = load_preset(preset_name)
+    shared = load_shared_components(preset, seed=seed)
+    tsdm, fcsd = build_tsdm(preset, shared, seed=seed), build_fcsd(preset, shared, seed=seed)
+    emb = torch.randn(
+        len(EMOTIONS), preset.conditioning.emotion_dim, generator=torch.Generator().manual_seed(seed)
+    )
+    pipe = ConsistentAvatarPipeline(
+        preset=preset,
+        tsdm={"teacher": tsdm, "lcm": tsdm},
+        fcsd={"teacher": fcsd, "lcm": fcsd},
+        emotions=EmotionTable(EMOTIONS, emb),
+        actor="benchmark",
+    )
+    tsdm.eval()
+    fcsd.eval()
+    return pipe.to(device, dtype)
+
+
+def make_inputs(preset: Any, batch: int, device: torch.device, seed: int) -> dict[str, Any]:
+    from consistent_avatar.data.layout import EMOTIONS
+
+    g = torch.Generator().manual_seed(seed)
+    r = preset.resolution
+    return {
+        "coarse_rgb": torch.randint(0, 256, (batch, 3, r, r), generator=g, dtype=torch.uint8).to(device),
+        "coarse_normal": torch.randint(0, 256, (batch, 3, r, r), generator=g, dtype=torch.uint8).to(device),
+        "pose": (torch.randn(batch, 6, generator=g) * 0.1).to(device),
+        "expression": torch.randn(batch, 100, generator=g).to(device),
+        "emotion": [EMOTIONS[i % len(EMOTIONS)] for i in range(batch)],
+    }
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_one(
+    pipe: Any, device: torch.device, steps: int, batch: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    x = make_inputs(pipe.preset, batch, device, args.seed)
+    kw = {"num_steps": steps, "sampler": args.sampler, "baseline": args.baseline, "seed": args.seed}
+    for _ in range(args.warmup):
+        pipe(**x, **kw)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    walls: list[float] = []
+    phases: dict[str, list[float]] = {}
+    for _ in range(args.iters):
+        sync(device)
+        start = time.perf_counter()
+        out = pipe(**x, **kw)
+        sync(device)
+        walls.append(time.perf_counter() - start)
+        for k, v in out.timings.items():
+            phases.setdefault(k, []).append(v)
+    med = statistics.median(walls)
+    row: dict[str, Any] = {
+        "preset": pipe.preset.name,
+        "device": str(device),
+        "dtype": args.dtype,
+        "sampler": out.settings["sampler"],
+        "variant": out.settings["variant"],
+        "baseline": args.baseline,
+        "steps": steps,
+        "batch": batch,
+        "iters": args.iters,
+        "ms_per_call": 1000 * med,
+        "ms_per_frame": 1000 * med / batch,
+        "frames_per_s": batch / med,
+        "ms_per_call_min": 1000 * min(walls),
+        "ms_per_call_max": 1000 * max(walls),
+        "phase_ms_per_call": {k: 1000 * statistics.median(v) for k, v in phases.items()},
+    }
+    if device.type == "cuda":
+        row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", help="tiny | small | sd15 | a preset JSON path")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--sampler", choices=["lcm", "ddim", "dpm"], default="lcm")
+    ap.add_argument("--baseline", action="store_true", help="skip stage 2 (the paper's baseline row)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument(
+        "--compile",
+        metavar="MODE",
+        default=None,
+        help="torch.compile the UNets/ControlNet with this mode (e.g. max-autotune-no-cudagraphs, "
+        "reduce-overhead); raise --warmup to cover compilation",
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/pipeline_<preset>_<device>.json)"
+    )
+    args = ap.parse_args(argv)
+
+    from tqdm.auto import tqdm
+
+    from consistent_avatar.io import atomic_write_json
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    t0 = time.perf_counter()
+    pipe = build_pipeline(args.preset, device, DTYPES[args.dtype], args.seed)
+    build_s = time.perf_counter() - t0
+    if args.compile:
+        pipe.compile(mode=args.compile)
+
+    rows = []
+    configs = [(s, b) for s in args.steps for b in args.batch]
+    for steps, batch in tqdm(configs, desc="pipeline configs", file=sys.stderr):
+        rows.append(bench_one(pipe, device, steps, batch, args))
+
+    header = (
+        f"{'preset':8s} {'device':8s} {'dtype':5s} {'sampler':7s} {'steps':>5s} {'batch':>5s} "
+        f"{'ms/frame':>10s} {'frames/s':>9s} {'stage2 ms':>10s} {'stage3 ms':>10s}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ph = r["phase_ms_per_call"]
+        print(
+            f"{r['preset']:8s} {r['device']:8s} {r['dtype']:5s} {r['sampler']:7s} "
+            f"{r['steps']:5d} {r['batch']:5d} "
+            f"{r['ms_per_frame']:10.2f} {r['frames_per_s']:9.2f} "
+            f"{ph.get('stage2', 0.0):10.2f} {ph.get('stage3', 0.0):10.2f}"
+        )
+    preset_tag = Path(args.preset).stem if args.preset.endswith(".json") else args.preset
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(__file__).resolve().parent / "results" / f"pipeline_{preset_tag}_{device.type}.json"
+    )
+    result = {
+        "benchmark": "pipeline",
+        "command": "PYTHONPATH=platform python "
+        + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(device),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "build_seconds": round(build_s, 2),
+        "notes": "random weights; full method (stage 2 + stage 3 + VAE decodes), no refiner; "
+        "inputs on device; "
+        "median of --iters calls after --warmup untimed calls; ms/frame = ms per call / batch",
+        "results": rows,
+    }
+    atomic_write_json(out, result)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Step time of each training stage for a preset / device / dtype / batch: the numbers behind the
+"whole paper schedule for one actor in ≤ 15 minutes on one H100" target.
+
+It runs the trainer's own code path — :func:`consistent_avatar.training.loop.build_engine` (stage
+module, DeepSpeed engine with ZeRO, client Adam over the trainable parameters only) and the stage's
+loss — in one process (world size 1), on random inputs of the preset's shapes (the data pipeline is
+not timed: with precomputed latents it only decodes a few small PNGs per sample). Prints a table,
+projects the paper schedule (stage 2: 3000, stage 3: 15000, LCM: 1000 + 1000 steps, VAE fit when
+the preset has no pretrained VAE), and writes JSON (command, machine, settings, results) to
+``benchmarks/results/``.
+
+    PYTHONPATH=platform python benchmarks/bench_train.py --preset sd15 --device cuda --batch 4
+    PYTHONPATH=platform python benchmarks/bench_train.py --preset tiny --device cpu --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+
+from consistent_avatar.models.presets import ModelPreset, load_preset  # noqa: E402
+from consistent_avatar.training.config import TrainConfig  # noqa: E402
+from consistent_avatar.training.data import StageCollate  # noqa: E402
+from consistent_avatar.training.stages import StageSpec  # noqa: E402
+
+ALL_STAGES = ("vae", "tsdm", "lcm_tsdm", "fcsd", "lcm_fcsd")
+
+
+def random_batch(kind: str, preset: ModelPreset, batch: int, latents: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    r, c, s = preset.resolution, preset.latent_channels, preset.latent_size
+    g = torch.Generator().manual_seed(0)
+
+    def img() -> torch.Tensor:
+        return torch.rand(batch, 3, r, r, generator=g) * 2 - 1
+
+    def lat() -> torch.Tensor:
+        return torch.randn(batch, c, s, s, generator=g)
+
+    out: dict[str, torch.Tensor] = {}
+    if kind == "vae":
+        out["images"] = torch.cat([img(), img()])
+    elif kind == "tsdm":
+        out.update(coarse_tsd=img(), pose=torch.randn(batch, 6, generator=g), expression=torch.randn(batch, 100, generator=g))
+        if latents:
+            out.update(target_latent=lat(), coarse_latent=lat())
+        else:
+            out["target_tsd"] = img()
+    else:
+        out.update(
+            tsd=img(),
+            normal=img(),
+            pose=torch.randn(batch, 6, generator=g),
+            expression=torch.randn(batch, 100, generator=g),
+            emotion=torch.randn(batch, preset.conditioning.emotion_dim, generator=g),
+        )
+        if latents:
+            out["image_latent"] = lat()
+        else:
+            out["image"] = img()
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+    }
+    try:
+        import deepspeed
+
+        info["deepspeed"] = deepspeed.__version__
+    except Exception:  # pragma: no cover - reported, not fatal
+        info["deepspeed"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def bench_stage(stage: str, args: argparse.Namespace, preset: ModelPreset, device: torch.device, tmp: Path) -> dict[str, Any]:
+    from consistent_avatar.training.loop import build_engine
+    from consistent_avatar.training.stages import STAGE_KIND, make_runner
+    from consistent_avatar.training.weights import save_weights, without_vae
+
+    base = TrainConfig()
+    cfg = base.stage(stage).model_copy(
+        update={"batch_size": args.batch, "micro_batch_size": args.batch, "zero_stage": args.zero,
+                "precision": args.dtype}
+    ).model_dump(mode="json")
+    perf = {"channels_last": args.channels_last, "compile": args.compile, "fused_adam": None, "tf32": True}
+    kind = STAGE_KIND[stage]
+    inputs: dict[str, str] = {}
+    if stage.startswith("lcm_"):  # a teacher to distil: the randomly initialised stage model
+        teacher_spec = StageSpec(
+            actor="bench", stage=stage[4:], preset=preset.model_dump(mode="json"),
+            config=base.stage(stage[4:]).model_dump(mode="json"), performance={}, seed=0, num_workers=1,
+            probe_files=[], columns=[], collate=StageCollate("bench", "tsdm"), stage_dir=str(tmp),
+        )
+        teacher = make_runner(teacher_spec, torch.device("cpu"))
+        path = tmp / f"{stage}-teacher.safetensors"
+        save_weights(without_vae({k[len("model."):]: v for k, v in teacher.module.state_dict().items()}), path)
+        inputs["teacher"] = str(path)
+        del teacher
+    spec = StageSpec(
+        actor="bench", stage=stage, preset=preset.model_dump(mode="json"), config=cfg, performance=perf,
+        seed=0, num_workers=1, probe_files=[], columns=[], collate=StageCollate("bench", "tsdm"),
+        stage_dir=str(tmp / stage), inputs=inputs,
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    runner, engine, _ = build_engine(spec, device, 1)
+    trainable = sum(p.numel() for p in runner.trainable_parameters())
+    total = sum(p.numel() for p in runner.module.parameters())
+    batch = random_batch(kind, preset, args.batch, args.latents, device)
+    if args.channels_last:
+        batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
+    gen = torch.Generator().manual_seed(0)
+
+    def step() -> float:
+        loss = runner.loss(engine, batch, gen)
+        engine.backward(loss)
+        engine.step()
+        runner.after_step()
+        return float(loss.detach())
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    warmup_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    median = times[len(times) // 2]
+    result = {
+        "stage": stage,
+        "batch": args.batch,
+        "trainable_params_m": round(trainable / 1e6, 2),
+        "total_params_m": round(total / 1e6, 2),
+        "warmup_s": round(warmup_s, 2),
+        "step_ms_median": round(1000 * median, 1),
+        "step_ms_mean": round(1000 * sum(times) / len(times), 1),
+        "samples_per_s": round(args.batch / median, 2),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "paper_iterations": base.stage(stage).iterations,
+    }
+    result["projected_minutes"] = round(result["paper_iterations"] * median / 60, 2)
+    del runner, engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--pretrained-root", default=None, help="SD 1.5 folder (frozen UNet/VAE as in real runs)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--batch", type=int, default=4, help="micro-batch = effective batch (one process)")
+    p.add_argument("--stages", default="tsdm,lcm_tsdm,fcsd,lcm_fcsd", help=f"comma list of {ALL_STAGES}")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--zero", type=int, default=2, choices=[0, 1, 2])
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--latents", action=argparse.BooleanOptionalAction, default=True,
+                   help="feed precomputed VAE latents (as shards with latents do)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_<preset>_<device>.json)")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    preset = load_preset(args.preset)
+    if args.pretrained_root:
+        preset = preset.with_pretrained(root=args.pretrained_root)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29517"),
+                       "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    from consistent_avatar.training.loop import setup_backend
+
+    setup_backend(device, {"tf32": True})
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in ALL_STAGES]
+    if unknown:
+        p.error(f"unknown stages {unknown}; choose from {ALL_STAGES}")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in stages:
+            results.append(bench_stage(stage, args, preset, device, Path(tmp)))
+            r = results[-1]
+            print(f"  {stage}: {r['step_ms_median']} ms/step", flush=True)
+
+    header = ("stage", "batch", "trainable M", "ms/step", "samples/s", "peak GiB", "paper steps", "projected min")
+    rows = [header] + [
+        (r["stage"], str(r["batch"]), str(r["trainable_params_m"]), str(r["step_ms_median"]), str(r["samples_per_s"]),
+         str(r["peak_memory_gib"]), str(r["paper_iterations"]), str(r["projected_minutes"]))
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    print()
+    for row in rows:
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    total = sum(r["projected_minutes"] for r in results)
+    print(f"paper schedule of the stages above: {total:.1f} min on {device} ({machine().get('gpu', machine().get('cpu', '?'))})")
+
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"train_{args.preset}_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine(),
+        "settings": {k: v for k, v in vars(args).items()} | {"device": device.type},
+        "results": results,
+        "projected_total_minutes": round(total, 2),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    tmp_out = out.with_name(f".{out.name}.tmp")
+    tmp_out.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp_out, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

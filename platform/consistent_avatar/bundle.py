@@ -1,0 +1,1186 @@
+"""Actor bundles: everything needed to render one actor, as one directory of safetensors and JSON.
+
+Training ends by exporting a bundle; the render job and the serve replicas start from one. A bundle
+is self-contained (no pretrained directory, model hub or shard dataset is needed to load it) and
+versioned. Layout (schema 1)::
+
+    <bundle>/
+      bundle.json                 the manifest, written LAST: schema_version, actor, created_at,
+                                  versions (package, torch, diffusers, safetensors, python), the
+                                  variants of each stage, LCM distillation settings, sampling
+                                  defaults, TSD settings, the refiner reference, and the sha256 +
+                                  size of every other file
+      preset.json                 the ModelPreset the networks were built from
+      emotions.parquet            emotion table: label, id, CLIP text embedding (the shard schema)
+      vae/                        the frozen VAE, diffusers layout (stored once: both stages share it)
+      null_context.safetensors    {"context": (n, cross_attention_dim)} (once: both stages share it)
+      tsdm/config.json            {"unet": diffusers config}: stage 2's exact architecture
+      tsdm/teacher.safetensors    the ε-model (state dict without ``vae.*`` and ``null_context.*``)
+      tsdm/lcm.safetensors        the LCM student (see below)
+      fcsd/config.json            {"unet": ..., "controlnet": ...}
+      fcsd/teacher.safetensors, fcsd/lcm.safetensors
+      training.json               optional provenance from the trainer
+
+Variants. Each stage holds a ``teacher`` (the ε-model trained with eq. 6 / 9, sampled with DDIM or
+DPM-Solver) and/or an ``lcm`` student (consistency-distilled, few-step). Distillation only trains what
+the teacher trained, so a student shares the teacher's frozen tensors bitwise (sd15's FCSD freezes its
+3.4 GB base UNet): when both are present the student file holds only the tensors that differ from the
+teacher (``base = "teacher"`` in the manifest) and loading overlays it on the teacher's file.
+
+Architecture. The diffusers configs of the networks are stored, not re-derived from the preset at load
+time: a pretrained UNet or ControlNet may carry config fields the preset does not spell out. Loading
+builds the networks on the ``meta`` device (no random init of 860 M parameters to throw away),
+allocates them on the target device in the target dtype and copies the stored weights in, checked
+strictly (every tensor present, none extra, shapes equal).
+
+Integrity. ``bundle.json`` appears last, so a bundle without it is incomplete. Every file's sha256 is
+checked on load (``verify=False`` skips it); a bundle of another schema version is refused with an
+error that says what to do.
+
+Storage. ``path_or_uri`` is a local path or any ``pyarrow.fs`` URI (``file://``, ``s3://``, ``gs://``,
+``hdfs://``); a bundle on a non-local filesystem is copied into a local cache directory first
+(reused while its ``bundle.json`` is unchanged).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import platform as _platform
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from . import __version__
+from .data.shards import emotion_table_schema
+from .errors import ConsistentAvatarError
+from .io import atomic_write_bytes, atomic_write_json, publish_dir, read_json, staging_dir
+from .models.components import freeze, load_shared_components, load_vae
+from .models.decoupled_attention import DecoupledCrossAttnProcessor, set_decoupled_scale
+from .models.fcsd import FCSD
+from .models.lcm import LCMDistillConfig
+from .models.presets import CONTROL_CHANNELS, ModelPreset, parse_preset
+from .models.sampling import SchedulerKind, Spacing
+from .models.tsdm import TSDM
+from .tsd import TSDConfig
+
+log = logging.getLogger(__name__)
+
+BUNDLE_SCHEMA_VERSION = 1
+MANIFEST_FILE = "bundle.json"
+PRESET_FILE = "preset.json"
+EMOTIONS_FILE = "emotions.parquet"
+VAE_DIR = "vae"
+NULL_CONTEXT_FILE = "null_context.safetensors"
+TRAINING_FILE = "training.json"
+CONFIG_FILE = "config.json"
+CACHE_ENV = "CONSISTENT_AVATAR_CACHE"
+
+Stage = Literal["tsdm", "fcsd"]
+Variant = Literal["teacher", "lcm"]
+STAGES: tuple[Stage, ...] = get_args(Stage)
+VARIANTS: tuple[Variant, ...] = get_args(Variant)
+#: the keys of ``save_bundle(weights=...)``: the training stage names
+WEIGHT_KEYS: dict[str, tuple[Stage, Variant]] = {
+    "tsdm": ("tsdm", "teacher"),
+    "lcm_tsdm": ("tsdm", "lcm"),
+    "fcsd": ("fcsd", "teacher"),
+    "lcm_fcsd": ("fcsd", "lcm"),
+}
+_SKIPPED_PREFIXES = ("vae.", "null_context.")
+_NULL_KEY = "null_context.context"
+
+WeightsSource = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike[str]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingDefaults(_Strict):
+    """How a bundle is sampled unless a call says otherwise.
+
+    ``sampler``/``num_steps`` apply to the LCM students; ``teacher_sampler``/``teacher_steps`` to the
+    teachers (the paper's "w/o LCM" row, or a bundle without students). ``spacing`` is the DDIM/DPM
+    timestep spacing (see :func:`consistent_avatar.models.sampling.inference_scheduler`).
+    """
+
+    sampler: SchedulerKind = "lcm"
+    num_steps: int = Field(4, ge=1, le=1000)
+    teacher_sampler: Literal["ddim", "dpm"] = "ddim"
+    teacher_steps: int = Field(25, ge=1, le=1000)
+    spacing: Spacing = "trailing"
+
+
+class RefinerReference(_Strict):
+    """An SDXL refiner the bundle is meant to be rendered with: a *reference* (path), not a copy.
+
+    The refiner is ~6 GB and the same for every actor, so bundles point at one local directory
+    (``Refiner.from_pretrained`` layout); a render host may override the path.
+    """
+
+    path: str
+    strength: float = Field(0.2, ge=0.0, le=1.0)
+    num_steps: int = Field(20, ge=1)
+
+
+class Versions(_Strict):
+    package: str
+    torch: str
+    diffusers: str
+    safetensors: str
+    python: str
+
+
+class FileEntry(_Strict):
+    sha256: str
+    bytes: int
+
+
+class VariantEntry(_Strict):
+    file: str
+    base: Literal["teacher"] | None = None  # the student file holds only what differs from the teacher
+    tensors: int  # tensors in the variant's complete state (own file + base)
+
+
+class StageEntry(_Strict):
+    config: str
+    variants: dict[Variant, VariantEntry]
+    lcm: LCMDistillConfig | None = None  # the distillation the ``lcm`` variant was trained with
+
+
+class BundleManifest(_Strict):
+    schema_version: int
+    actor: str
+    created_at: str
+    versions: Versions
+    stages: dict[Stage, StageEntry]
+    sampling: SamplingDefaults = SamplingDefaults()
+    tsd: TSDConfig = Field(default_factory=TSDConfig)
+    refiner: RefinerReference | None = None
+    emotions: int
+    sources: dict[str, str] = {}
+    files: dict[str, FileEntry]
+
+
+# ------------------------------------------------------------------------------------------------
+# Emotion table
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EmotionTable:
+    """The actor's emotion labels (id = row) and their CLIP text embeddings T (eq. 7), (L, D)."""
+
+    labels: tuple[str, ...]
+    embeddings: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.labels = tuple(self.labels)
+        if not self.labels:
+            raise ConsistentAvatarError("the emotion table is empty: it needs at least one label")
+        if any(not isinstance(x, str) or not x for x in self.labels):
+            raise ConsistentAvatarError("emotion labels must be non-empty strings")
+        if len(set(self.labels)) != len(self.labels):
+            raise ConsistentAvatarError(f"emotion labels must be unique, got {list(self.labels)}")
+        emb = self.embeddings
+        if isinstance(emb, np.ndarray):
+            emb = torch.from_numpy(np.ascontiguousarray(emb))
+        if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or not emb.is_floating_point():
+            raise ConsistentAvatarError("emotion embeddings must be a float (labels, dim) tensor or array")
+        if emb.shape[0] != len(self.labels):
+            raise ConsistentAvatarError(
+                f"emotion table has {len(self.labels)} labels but {emb.shape[0]} embedding rows"
+            )
+        if not bool(torch.isfinite(emb).all()):
+            raise ConsistentAvatarError("emotion embeddings contain NaN or infinite values")
+        self.embeddings = emb
+        self._index = {name: i for i, name in enumerate(self.labels)}
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> EmotionTable:
+        return EmotionTable(self.labels, self.embeddings.to(device=device, dtype=dtype))
+
+    def ids(self, labels: Sequence[str]) -> torch.Tensor:
+        """Label names → ids (B,) long; an unknown name is an error listing the known ones."""
+        out = []
+        for name in labels:
+            if name not in self._index:
+                raise ConsistentAvatarError(
+                    f"unknown emotion label {name!r}; this actor knows {list(self.labels)}"
+                )
+            out.append(self._index[name])
+        return torch.tensor(out, dtype=torch.long)
+
+    def lookup(self, emotion: object, batch: int) -> torch.Tensor:
+        """T (B, D) for ``emotion``: label(s), id(s) or embeddings; validated, nothing else runs.
+
+        Accepted: one label (str) or id (int) for the whole batch; a list/tuple of B labels or ids;
+        a (B,) integer tensor/array of ids; a (B, D) float tensor/array of embeddings.
+        """
+        if isinstance(emotion, np.ndarray):
+            emotion = torch.from_numpy(emotion)
+        if isinstance(emotion, str) or (isinstance(emotion, int) and not isinstance(emotion, bool)):
+            emotion = [emotion] * batch  # one label or id for the whole batch
+        if isinstance(emotion, (list, tuple)):
+            if len(emotion) != batch:
+                raise ConsistentAvatarError(
+                    f"emotion has {len(emotion)} entries, the other inputs have batch size {batch}"
+                )
+            if all(isinstance(e, str) for e in emotion):
+                return self.embeddings[self.ids(emotion).to(self.embeddings.device)]
+            if all(isinstance(e, int) and not isinstance(e, bool) for e in emotion):
+                emotion = torch.tensor(list(emotion), dtype=torch.long)
+            else:
+                raise ConsistentAvatarError(
+                    "emotion as a list must hold only labels (str) or only ids (int), "
+                    f"got {[type(e).__name__ for e in emotion][:4]}"
+                )
+        if not isinstance(emotion, torch.Tensor):
+            raise ConsistentAvatarError(
+                "emotion must be a label, a list of labels, ids (B,) or embeddings "
+                f"(B, {self.dim}); got {type(emotion).__name__}"
+            )
+        if emotion.dtype == torch.bool:
+            raise ConsistentAvatarError("emotion ids must be integers, got a bool tensor")
+        if not emotion.is_floating_point() and not emotion.is_complex():
+            if emotion.ndim != 1 or emotion.shape[0] != batch:
+                raise ConsistentAvatarError(
+                    f"emotion ids must have shape ({batch},), got {tuple(emotion.shape)}"
+                )
+            if emotion.numel() and (int(emotion.min()) < 0 or int(emotion.max()) >= len(self.labels)):
+                raise ConsistentAvatarError(
+                    f"emotion ids must lie in [0, {len(self.labels)}) ({list(self.labels)}), "
+                    f"got {emotion.tolist()}"
+                )
+            return self.embeddings[emotion.to(self.embeddings.device).long()]
+        if emotion.is_complex() or emotion.ndim != 2 or emotion.shape != (batch, self.dim):
+            raise ConsistentAvatarError(
+                f"emotion embeddings must have shape ({batch}, {self.dim}), got {tuple(emotion.shape)} "
+                f"(or give labels / ids)"
+            )
+        if not bool(torch.isfinite(emotion).all()):
+            raise ConsistentAvatarError("emotion embeddings contain NaN or infinite values")
+        return emotion.to(device=self.embeddings.device, dtype=self.embeddings.dtype)
+
+    def write(self, path: Path) -> None:
+        table = pa.table(
+            {
+                "label": list(self.labels),
+                "emotion_id": list(range(len(self.labels))),
+                "embedding": [row.tolist() for row in self.embeddings.float().cpu().numpy()],
+            },
+            schema=emotion_table_schema(self.dim),
+        )
+        pq.write_table(table, path)
+
+    @classmethod
+    def read(cls, path: Path) -> EmotionTable:
+        try:
+            table = pq.read_table(path).sort_by("emotion_id")
+            labels = table["label"].to_pylist()
+            emb = np.asarray(table["embedding"].to_pylist(), dtype=np.float32)
+        except (pa.ArrowException, KeyError, OSError) as exc:
+            raise ConsistentAvatarError(f"bundle emotion table {path} is unreadable: {exc}") from exc
+        return cls(tuple(labels), torch.from_numpy(emb))
+
+
+# ------------------------------------------------------------------------------------------------
+# The loaded bundle
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ActorBundle:
+    """A loaded bundle: the networks of the requested variants on ``device`` in ``dtype``.
+
+    ``tsdm[variant]`` / ``fcsd[variant]`` are inference-ready (eval, no grad) and share one VAE.
+    Build a renderer with :meth:`consistent_avatar.pipeline.ConsistentAvatarPipeline.from_bundle`.
+    """
+
+    root: Path
+    uri: str
+    manifest: BundleManifest
+    preset: ModelPreset
+    emotions: EmotionTable
+    vae: AutoencoderKL
+    tsdm: dict[Variant, TSDM]
+    fcsd: dict[Variant, FCSD]
+    device: torch.device
+    dtype: torch.dtype
+    training: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def actor(self) -> str:
+        return self.manifest.actor
+
+    @property
+    def sampling(self) -> SamplingDefaults:
+        return self.manifest.sampling
+
+    @property
+    def refiner(self) -> RefinerReference | None:
+        return self.manifest.refiner
+
+    def lcm_config(self, stage: Stage) -> LCMDistillConfig:
+        """The distillation settings of ``stage``'s student (its sampler must use the same grid)."""
+        return self.manifest.stages[stage].lcm or LCMDistillConfig()
+
+    def available_variants(self, stage: Stage) -> tuple[Variant, ...]:
+        """Variants stored in the bundle (not only the loaded ones)."""
+        return tuple(v for v in VARIANTS if v in self.manifest.stages[stage].variants)
+
+
+# ------------------------------------------------------------------------------------------------
+# Architecture: stored diffusers configs ⇄ networks built on the meta device
+# ------------------------------------------------------------------------------------------------
+
+
+def _plain(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A diffusers config as JSON-able data (tuples → lists, private keys dropped)."""
+    return json.loads(
+        json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, default=list)
+    )
+
+
+def _module_configs(stage: Stage, model: nn.Module) -> dict[str, dict[str, Any]]:
+    if stage == "tsdm":
+        return {"unet": _plain(model.unet.config)}  # type: ignore[union-attr]
+    unet, controlnet = model.unet, model.controlnet  # type: ignore[union-attr]
+    return {"unet": _plain(unet.config), "controlnet": _plain(controlnet.config)}
+
+
+def derived_configs(preset: ModelPreset, stage: Stage) -> dict[str, dict[str, Any]]:
+    """The configs :func:`~consistent_avatar.models.build_tsdm` / ``build_fcsd`` would produce for
+    ``preset`` (pretrained configs where it names directories), without loading any weights."""
+    unet_path = preset.pretrained.resolve("unet")
+    with torch.device("meta"):
+        if unet_path is not None:
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_path))
+        else:
+            unet = UNet2DConditionModel(**preset.unet_kwargs())
+        unet_cfg = _plain(unet.config)
+        if stage == "tsdm":
+            unet_cfg["in_channels"] = 2 * preset.latent_channels
+            return {"unet": unet_cfg}
+        cn_path = preset.pretrained.resolve("controlnet")
+        if cn_path is not None:
+            cn_cfg = _plain(ControlNetModel.load_config(cn_path))
+            cn_cfg["conditioning_channels"] = CONTROL_CHANNELS
+        else:
+            controlnet = ControlNetModel.from_unet(
+                unet,
+                conditioning_channels=CONTROL_CHANNELS,
+                conditioning_embedding_out_channels=preset.controlnet.conditioning_embedding_out_channels,
+            )
+            cn_cfg = _plain(controlnet.config)
+    return {"unet": unet_cfg, "controlnet": cn_cfg}
+
+
+def _meta_model(
+    stage: Stage,
+    preset: ModelPreset,
+    configs: Mapping[str, Mapping[str, Any]],
+    vae: AutoencoderKL,
+    null_context: torch.Tensor,
+) -> TSDM | FCSD:
+    """The stage's network with every tensor but the (real, shared) VAE and null context on ``meta``."""
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(dict(configs["unet"]))
+            if stage == "tsdm":
+                return TSDM(preset, unet, vae, null_context)
+            controlnet = ControlNetModel.from_config(dict(configs["controlnet"]))
+            return FCSD(preset, unet, controlnet, vae, null_context)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConsistentAvatarError(
+            f"the {stage} architecture config does not build a network: {exc}"
+        ) from exc
+
+
+def _weights_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(_SKIPPED_PREFIXES)}
+
+
+def _fit_problems(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str | None:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape (e.g. {shapes[:2]})")
+    return "; ".join(parts)
+
+
+def _materialise(
+    model: TSDM | FCSD,
+    state: Mapping[str, torch.Tensor],
+    null_context: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    where: str,
+) -> TSDM | FCSD:
+    """Allocate the meta parts of ``model`` on ``device`` in ``dtype`` and copy ``state`` in, strictly."""
+    expected = _weights_state(model)
+    problem = _fit_problems(expected, state)
+    if problem is not None:
+        raise ConsistentAvatarError(
+            f"{where} does not fit the stored architecture: {problem}. The bundle is damaged or was "
+            "assembled from mismatching files: export it again"
+        )
+    for name, child in model.named_children():
+        if name == "vae":
+            continue
+        # nn.Module.to, not diffusers' ModelMixin.to: the latter warns about fp32-only modules, which
+        # these networks do not have (their _keep_in_fp32_modules is empty).
+        nn.Module.to(child, dtype=dtype)
+        child.to_empty(device=device)
+    full = dict(state)
+    full[_NULL_KEY] = null_context
+    result = model.load_state_dict(full, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("vae.")]
+    if missing or result.unexpected_keys:  # pragma: no cover - excluded by _fit_problems
+        raise ConsistentAvatarError(
+            f"{where}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
+    # The only non-persistent state is each decoupled processor's 0-d ``scale``: set it, then make
+    # sure nothing else was left uninitialised by to_empty.
+    set_decoupled_scale(model, model.preset.conditioning.decoupled_scale)
+    loaded = set(model.state_dict())
+    for name, buf in model.named_buffers():
+        if name not in loaded and not name.endswith(".scale"):
+            raise RuntimeError(f"buffer {name} is not stored in bundles and would stay uninitialised")
+    for name, proc in model.named_modules():
+        if isinstance(proc, DecoupledCrossAttnProcessor) and proc.scale.is_meta:  # pragma: no cover
+            raise RuntimeError(f"decoupled scale of {name} was not materialised")
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Files and hashes
+# ------------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=dict(metadata)
+    )
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types (SafetensorError, OSError)
+        raise ConsistentAvatarError(
+            f"bundle file {path} is not a readable safetensors file ({exc}): "
+            "export or download the bundle again"
+        ) from exc
+
+
+def _read_safetensors(
+    path: Path, device: torch.device, keys: set[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Tensors of ``path`` (only ``keys`` if given) on ``device``; a damaged file is a clear error."""
+    from safetensors import safe_open
+
+    try:
+        out: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for k in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                if keys is None or k in keys:
+                    out[k] = f.get_tensor(k)
+        return out
+    except Exception as exc:
+        raise ConsistentAvatarError(
+            f"bundle file {path} is not a readable safetensors file ({exc}): "
+            "export or download the bundle again"
+        ) from exc
+
+
+def _load_state_source(source: WeightsSource, what: str) -> dict[str, torch.Tensor]:
+    if isinstance(source, nn.Module):
+        return dict(source.state_dict())
+    if isinstance(source, Mapping):
+        bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise ConsistentAvatarError(f"weights[{what!r}] maps {bad[0]!r} to a non-tensor")
+        return dict(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ConsistentAvatarError(f"weights[{what!r}] = {str(path)!r} does not exist")
+        return _read_safetensors(path, torch.device("cpu"))
+    raise ConsistentAvatarError(
+        f"weights[{what!r}] must be a TSDM/FCSD module, a state dict or a safetensors path, "
+        f"got {type(source).__name__}"
+    )
+
+
+def versions() -> Versions:
+    import diffusers
+    import safetensors
+
+    return Versions(
+        package=__version__,
+        torch=torch.__version__,
+        diffusers=diffusers.__version__,
+        safetensors=safetensors.__version__,
+        python=_platform.python_version(),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Where a bundle lives: local paths and pyarrow filesystem URIs
+# ------------------------------------------------------------------------------------------------
+
+
+def _filesystem(path_or_uri: str | os.PathLike[str], filesystem: Any = None) -> tuple[Any, str]:
+    from pyarrow import fs as pafs
+
+    if filesystem is not None:
+        if not isinstance(filesystem, pafs.FileSystem):
+            raise ConsistentAvatarError(
+                f"filesystem must be a pyarrow.fs.FileSystem, got {type(filesystem).__name__}"
+            )
+        return filesystem, str(path_or_uri)
+    text = os.fspath(path_or_uri)
+    if "://" in text:
+        try:
+            fs, path = pafs.FileSystem.from_uri(text)
+        except (pa.ArrowException, ValueError, OSError) as exc:
+            raise ConsistentAvatarError(
+                f"cannot open the storage URI {text!r}: {exc} (give a local path or a pyarrow filesystem "
+                "URI such as file:///…, s3://bucket/…, gs://bucket/…, with credentials in the "
+                "environment)"
+            ) from exc
+        return fs, path
+    return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
+
+
+def _is_local(fs: Any) -> bool:
+    from pyarrow import fs as pafs
+
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def default_cache_dir() -> Path:
+    """``$CONSISTENT_AVATAR_CACHE/bundles``, else ``~/.cache/consistent_avatar/bundles``."""
+    base = os.environ.get(CACHE_ENV)
+    root = Path(base).expanduser() if base else Path.home() / ".cache" / "consistent_avatar"
+    return root / "bundles"
+
+
+def _read_remote_bytes(fs: Any, path: str) -> bytes | None:
+    from pyarrow import fs as pafs
+
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _fetch(fs: Any, path: str, uri: str, cache_dir: Path | None) -> Path:
+    """Copy a bundle from a non-local filesystem into the cache (atomically), or reuse the cached copy."""
+    from pyarrow import fs as pafs
+
+    manifest = _read_remote_bytes(fs, f"{path.rstrip('/')}/{MANIFEST_FILE}")
+    if manifest is None:
+        raise ConsistentAvatarError(
+            f"no bundle at {uri}: {MANIFEST_FILE} is missing (an incomplete upload, or the wrong path)"
+        )
+    cache = (cache_dir or default_cache_dir()).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(f"{fs.type_name}:{path}".encode()).hexdigest()[:16]
+    final = cache / f"{Path(path.rstrip('/')).name or 'bundle'}-{key}"
+    cached = final / MANIFEST_FILE
+    if cached.is_file() and cached.read_bytes() == manifest:
+        log.info("bundle %s: using the cached copy %s", uri, final)
+        return final
+    staged = staging_dir(final)
+    try:
+        pafs.copy_files(
+            path, str(staged), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+        if (staged / MANIFEST_FILE).read_bytes() != manifest:
+            raise ConsistentAvatarError(f"the bundle at {uri} changed while it was downloaded: load it again")
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    publish_dir(staged, final)
+    log.info("bundle %s downloaded to %s", uri, final)
+    return final
+
+
+# ------------------------------------------------------------------------------------------------
+# Manifest
+# ------------------------------------------------------------------------------------------------
+
+
+def read_manifest(root: str | os.PathLike[str]) -> BundleManifest:
+    """The manifest of the local bundle ``root``, refused if of another schema version."""
+    root = Path(root)
+    path = root / MANIFEST_FILE
+    if not root.is_dir():
+        raise ConsistentAvatarError(f"bundle {root} does not exist (export one with `cavatar train`)")
+    if not path.is_file():
+        raise ConsistentAvatarError(
+            f"{root} holds no {MANIFEST_FILE}: it is not an actor bundle, or an export that did not finish "
+            "(export it again)"
+        )
+    try:
+        data = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConsistentAvatarError(f"{path} is not valid JSON ({exc}): export the bundle again") from exc
+    if not isinstance(data, dict):
+        raise ConsistentAvatarError(f"{path} must hold a JSON object: export the bundle again")
+    version = data.get("schema_version")
+    written_by = (data.get("versions") or {}).get("package", "an unknown version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ConsistentAvatarError(f"{path} has no integer schema_version: export the bundle again")
+    if version < BUNDLE_SCHEMA_VERSION:
+        raise ConsistentAvatarError(
+            f"bundle {root} has schema version {version} (written by consistent_avatar {written_by}); this "
+            f"consistent_avatar {__version__} reads version {BUNDLE_SCHEMA_VERSION}: export the actor again "
+            "with this version (`cavatar train` re-exports finished actors), or load it with the version "
+            "that wrote it"
+        )
+    if version > BUNDLE_SCHEMA_VERSION:
+        raise ConsistentAvatarError(
+            f"bundle {root} has schema version {version} (written by consistent_avatar {written_by}), newer "
+            f"than this consistent_avatar {__version__} reads ({BUNDLE_SCHEMA_VERSION}): upgrade "
+            f"consistent_avatar to {written_by} or later"
+        )
+    try:
+        return BundleManifest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        raise ConsistentAvatarError(f"{path} is invalid ({problems}): export the bundle again") from None
+
+
+def _check_files(root: Path, manifest: BundleManifest, needed: Sequence[str], verify: bool) -> None:
+    for rel in needed:
+        entry = manifest.files.get(rel)
+        if entry is None:
+            raise ConsistentAvatarError(
+                f"bundle {root}: {MANIFEST_FILE} does not list {rel}: export it again"
+            )
+        path = root / rel
+        if not path.is_file():
+            raise ConsistentAvatarError(
+                f"bundle {root} is missing {rel}: the copy is incomplete; export or download it again"
+            )
+        size = path.stat().st_size
+        if size != entry.bytes:
+            raise ConsistentAvatarError(
+                f"bundle file {path} has {size} bytes, the manifest says {entry.bytes}: it is truncated or "
+                "was replaced; export or download the bundle again"
+            )
+        if verify and _sha256(path) != entry.sha256:
+            raise ConsistentAvatarError(
+                f"bundle file {path} is corrupt (sha256 differs from the manifest): export or download the "
+                "bundle again"
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# Save
+# ------------------------------------------------------------------------------------------------
+
+
+def _as_vae(vae: AutoencoderKL | str | os.PathLike[str]) -> AutoencoderKL:
+    if isinstance(vae, AutoencoderKL):
+        return vae
+    path = Path(vae)
+    if not (path / CONFIG_FILE).is_file():
+        raise ConsistentAvatarError(
+            f"vae = {str(path)!r} is not a diffusers AutoencoderKL directory (no config.json)"
+        )
+    try:
+        return AutoencoderKL.from_pretrained(
+            path, local_files_only=True, torch_dtype=torch.float32, low_cpu_mem_usage=False
+        )
+    except (OSError, ValueError) as exc:
+        raise ConsistentAvatarError(f"cannot load the VAE at {path}: {exc}") from exc
+
+
+def _check_vae(vae: AutoencoderKL, preset: ModelPreset) -> None:
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if factor != preset.vae.scale_factor or vae.config.latent_channels != preset.latent_channels:
+        raise ConsistentAvatarError(
+            f"the VAE has scale factor {factor} and {vae.config.latent_channels} latent channels; preset "
+            f"{preset.name!r} needs {preset.vae.scale_factor} and {preset.latent_channels}"
+        )
+
+
+def _lcm_for(lcm: LCMDistillConfig | Mapping[str, Any] | None, stage: Stage) -> LCMDistillConfig | None:
+    if lcm is None:
+        return None
+    if isinstance(lcm, LCMDistillConfig):
+        return lcm
+    if isinstance(lcm, Mapping) and set(lcm) <= set(STAGES) | {f"lcm_{s}" for s in STAGES}:
+        value = lcm.get(stage, lcm.get(f"lcm_{stage}"))
+        if value is None or isinstance(value, LCMDistillConfig):
+            return value
+        return LCMDistillConfig.parse(value)
+    return LCMDistillConfig.parse(lcm)  # one config as a mapping, for both stages
+
+
+def save_bundle(
+    path: str | os.PathLike[str],
+    *,
+    actor: str,
+    preset: ModelPreset,
+    weights: Mapping[str, WeightsSource],
+    emotion_labels: Sequence[str],
+    emotion_table: np.ndarray | torch.Tensor,
+    vae: AutoencoderKL | str | os.PathLike[str] | None = None,
+    lcm: LCMDistillConfig | Mapping[str, Any] | None = None,
+    sampling: SamplingDefaults | Mapping[str, Any] | None = None,
+    tsd: TSDConfig | None = None,
+    refiner: RefinerReference | str | os.PathLike[str] | None = None,
+    training: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    filesystem: Any = None,
+) -> str:
+    """Write the bundle of ``actor`` to ``path`` (local path or pyarrow URI) and return where it is.
+
+    ``weights`` maps training stage names to what each stage produced: ``tsdm`` and ``fcsd`` (the
+    teachers), ``lcm_tsdm`` and ``lcm_fcsd`` (the students); each value is the model itself
+    (:class:`TSDM` / :class:`FCSD`), its state dict, or a safetensors file of it. ``vae.*`` keys are
+    ignored (the VAE is stored once). Each stage needs at least one variant. Architecture configs come
+    from a module when one is given, else from the preset (:func:`derived_configs`); the weights must
+    fit them. ``vae``: the VAE object or a diffusers directory; by default the VAE of a given module,
+    else the preset's (pretrained, or random init with ``seed`` — what the trainer built); the
+    null context likewise comes from the weights (``null_context.context``) or the preset and ``seed``.
+    ``lcm``: the distillation config of the students (one for both stages, or per stage).
+
+    Local targets are assembled in a hidden directory beside ``path`` and renamed into place, so a
+    reader never sees a partial bundle; a remote target gets every file uploaded before
+    ``bundle.json``.
+    """
+    if not isinstance(preset, ModelPreset):
+        raise ConsistentAvatarError(f"preset must be a ModelPreset, got {type(preset).__name__}")
+    if not isinstance(actor, str) or not actor or "/" in actor:
+        raise ConsistentAvatarError(f"actor must be a non-empty name without '/', got {actor!r}")
+    unknown = sorted(set(weights) - set(WEIGHT_KEYS))
+    if unknown:
+        raise ConsistentAvatarError(f"unknown weights {unknown}: use the stage names {sorted(WEIGHT_KEYS)}")
+    if isinstance(emotion_table, torch.Tensor):
+        table = emotion_table.detach().cpu().float()
+    else:
+        table = torch.as_tensor(np.asarray(emotion_table, dtype=np.float32))
+    emotions = EmotionTable(tuple(emotion_labels), table)
+    if emotions.dim != preset.conditioning.emotion_dim:
+        raise ConsistentAvatarError(
+            f"emotion embeddings have {emotions.dim} dims, preset {preset.name!r} takes "
+            f"{preset.conditioning.emotion_dim}"
+        )
+    if sampling is None:
+        sampling = SamplingDefaults()
+    elif not isinstance(sampling, SamplingDefaults):
+        try:
+            sampling = SamplingDefaults.model_validate(dict(sampling))
+        except ValidationError as exc:
+            raise ConsistentAvatarError(f"invalid sampling defaults: {exc}") from None
+    if isinstance(refiner, (str, os.PathLike)):
+        refiner = RefinerReference(path=os.fspath(refiner))
+
+    modules: dict[str, nn.Module] = {k: v for k, v in weights.items() if isinstance(v, nn.Module)}
+    for key, module in modules.items():
+        stage = WEIGHT_KEYS[key][0]
+        if not isinstance(module, TSDM if stage == "tsdm" else FCSD):
+            raise ConsistentAvatarError(
+                f"weights[{key!r}] is a {type(module).__name__}; stage {stage} needs a "
+                f"{'TSDM' if stage == 'tsdm' else 'FCSD'}"
+            )
+    for stage in STAGES:
+        if not any(WEIGHT_KEYS[k][0] == stage for k in weights):
+            raise ConsistentAvatarError(
+                f"weights has nothing for stage {stage}: give {stage!r} (teacher) and/or "
+                f"'lcm_{stage}' (student)"
+            )
+    if vae is None:
+        vae_obj = next((m.vae for m in modules.values()), None)
+        if vae_obj is None:
+            vae_obj, _ = load_vae(preset, seed=seed)
+    else:
+        vae_obj = _as_vae(vae)
+    _check_vae(vae_obj, preset)
+
+    fs, target = _filesystem(path, filesystem)
+    local = _is_local(fs)
+    final = Path(target) if local else None
+    if final is not None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staged = staging_dir(final)
+    else:
+        staged = Path(tempfile.mkdtemp(prefix=".bundle-upload-"))
+    try:
+        _write_contents(
+            staged,
+            actor=actor,
+            preset=preset,
+            weights=weights,
+            modules=modules,
+            emotions=emotions,
+            vae=vae_obj,
+            lcm=lcm,
+            sampling=sampling,
+            tsd=tsd or TSDConfig(),
+            refiner=refiner,
+            training=training,
+            seed=seed,
+        )
+        if final is not None:
+            publish_dir(staged, final)
+            log.info("bundle of actor %r written to %s", actor, final)
+            return str(final)
+        _upload(staged, fs, target)
+        log.info("bundle of actor %r uploaded to %s", actor, os.fspath(path))
+        return os.fspath(path)
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+def _upload(staged: Path, fs: Any, target: str) -> None:
+    """Replace the remote copy: old contents removed, every file uploaded, the manifest last (object
+    stores have no atomic directory rename; a reader polling for bundle.json never sees a partial
+    bundle, only none while the upload runs)."""
+    from pyarrow import fs as pafs
+
+    target = target.rstrip("/")
+    fs.create_dir(target, recursive=True)
+    fs.delete_dir_contents(target, missing_dir_ok=True)  # manifest included: an old version disappears
+    files = sorted(p for p in staged.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    for p in [*files, staged / MANIFEST_FILE]:
+        rel = p.relative_to(staged).as_posix()
+        if "/" in rel:
+            fs.create_dir(f"{target}/{rel.rsplit('/', 1)[0]}", recursive=True)
+        pafs.copy_files(
+            str(p), f"{target}/{rel}", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+        )
+
+
+def _write_contents(
+    root: Path,
+    *,
+    actor: str,
+    preset: ModelPreset,
+    weights: Mapping[str, WeightsSource],
+    modules: Mapping[str, nn.Module],
+    emotions: EmotionTable,
+    vae: AutoencoderKL,
+    lcm: LCMDistillConfig | Mapping[str, Any] | None,
+    sampling: SamplingDefaults,
+    tsd: TSDConfig,
+    refiner: RefinerReference | None,
+    training: Mapping[str, Any] | None,
+    seed: int,
+) -> None:
+    atomic_write_json(root / PRESET_FILE, preset.model_dump(mode="json"))
+    emotions.write(root / EMOTIONS_FILE)
+    vae.save_pretrained(root / VAE_DIR, safe_serialization=True)
+    if training is not None:
+        atomic_write_bytes(
+            root / TRAINING_FILE,
+            (json.dumps(dict(training), indent=2, sort_keys=True, default=str) + "\n").encode(),
+        )
+
+    null_context: torch.Tensor | None = None
+    null_from = ""
+    stages: dict[str, StageEntry] = {}
+    sources: dict[str, str] = {}
+    for stage in STAGES:
+        keys = {variant: key for key, (s, variant) in WEIGHT_KEYS.items() if s == stage and key in weights}
+        stage_modules = [modules[k] for k in keys.values() if k in modules]
+        configs = (
+            _module_configs(stage, stage_modules[0]) if stage_modules else derived_configs(preset, stage)
+        )
+        for m in stage_modules:
+            if _module_configs(stage, m) != configs:
+                raise ConsistentAvatarError(f"the {stage} teacher and student have different architectures")
+            sources.update({f"{stage}.{k}": str(v) for k, v in getattr(m, "sources", {}).items()})
+        with torch.device("meta"):
+            meta_null = torch.empty(preset.conditioning.null_context_tokens, preset.unet.cross_attention_dim)
+        expected = _weights_state(_meta_model(stage, preset, configs, vae, meta_null))
+        states: dict[Variant, dict[str, torch.Tensor]] = {}
+        for variant, key in keys.items():
+            full = _load_state_source(weights[key], key)
+            ctx = full.get(_NULL_KEY)
+            if ctx is not None:
+                ctx = ctx.detach().float().cpu()
+                if null_context is None:
+                    null_context, null_from = ctx, key
+                elif ctx.shape != null_context.shape or not torch.equal(ctx, null_context):
+                    raise ConsistentAvatarError(
+                        f"weights[{key!r}] and weights[{null_from!r}] hold different null contexts: "
+                        "they were not "
+                        "built from the same shared components (load_shared_components)"
+                    )
+            state = {
+                k: (v.detach().float() if v.is_floating_point() else v.detach())
+                for k, v in full.items()
+                if not k.startswith(_SKIPPED_PREFIXES)
+            }
+            problem = _fit_problems(expected, state)
+            if problem is not None:
+                raise ConsistentAvatarError(
+                    f"weights[{key!r}] do not fit the {stage} architecture of preset {preset.name!r}: "
+                    f"{problem} "
+                    "(trained with another preset, or the wrong file?)"
+                )
+            states[variant] = state
+        (root / stage).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(root / stage / CONFIG_FILE, configs)
+        entries: dict[Variant, VariantEntry] = {}
+        for variant, state in states.items():
+            own = state
+            base: Literal["teacher"] | None = None
+            if variant == "lcm" and "teacher" in states:
+                teacher = states["teacher"]
+                own = {
+                    k: v
+                    for k, v in state.items()
+                    if not (v.dtype == teacher[k].dtype and torch.equal(v.cpu(), teacher[k].cpu()))
+                }
+                base = "teacher"
+            rel = f"{stage}/{variant}.safetensors"
+            _save_safetensors(
+                own,
+                root / rel,
+                {
+                    "format": "pt",
+                    "consistent_avatar.schema_version": str(BUNDLE_SCHEMA_VERSION),
+                    "stage": stage,
+                    "variant": variant,
+                    "base": base or "",
+                },
+            )
+            entries[variant] = VariantEntry(file=rel, base=base, tensors=len(state))
+            log.info("%s/%s: %d tensors (%d stored)", stage, variant, len(state), len(own))
+        stages[stage] = StageEntry(
+            config=f"{stage}/{CONFIG_FILE}",
+            variants=entries,
+            lcm=(_lcm_for(lcm, stage) or LCMDistillConfig()) if "lcm" in entries else None,
+        )
+    if null_context is None:  # rebuilt exactly as the trainer built it: from the preset and seed
+        null_context = load_shared_components(preset, seed=seed).null_context.float()
+    _save_safetensors({"context": null_context}, root / NULL_CONTEXT_FILE, {"format": "pt"})
+
+    for p in root.rglob("*"):  # safetensors writes 0600; a bundle is read by other users (serve, render)
+        if p.is_file():
+            p.chmod(0o644)
+    files = {
+        p.relative_to(root).as_posix(): FileEntry(sha256=_sha256(p), bytes=p.stat().st_size)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_FILE
+    }
+    manifest = BundleManifest(
+        schema_version=BUNDLE_SCHEMA_VERSION,
+        actor=actor,
+        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        versions=versions(),
+        stages=stages,  # type: ignore[arg-type]
+        sampling=sampling,
+        tsd=tsd,
+        refiner=refiner,
+        emotions=len(emotions.labels),
+        sources=sources,
+        files=files,
+    )
+    atomic_write_json(root / MANIFEST_FILE, manifest.model_dump(mode="json"))  # last
+
+
+# ------------------------------------------------------------------------------------------------
+# Load
+# ------------------------------------------------------------------------------------------------
+
+
+def locate_bundle(
+    path_or_uri: str | os.PathLike[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    filesystem: Any = None,
+) -> Path:
+    """The local directory of a bundle: itself if local, else a cached download of it."""
+    fs, path = _filesystem(path_or_uri, filesystem)
+    if _is_local(fs):
+        return Path(path)
+    return _fetch(fs, path, os.fspath(path_or_uri), Path(cache_dir) if cache_dir is not None else None)
+
+
+def load_bundle(
+    path_or_uri: str | os.PathLike[str],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    variants: Sequence[Variant] | None = None,
+    verify: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    filesystem: Any = None,
+) -> ActorBundle:
+    """Load a bundle's networks onto ``device`` in ``dtype`` (e.g. bf16 on GPU).
+
+    ``variants``: which of ``teacher`` / ``lcm`` to load (default: all stored); a serve replica that
+    only samples with LCM passes ``("lcm",)`` and holds half the weights. ``verify`` checks every
+    file's sha256 against the manifest.
+    """
+    device = torch.device(device)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConsistentAvatarError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    root = locate_bundle(path_or_uri, cache_dir=cache_dir, filesystem=filesystem)
+    manifest = read_manifest(root)
+    wanted: tuple[Variant, ...]
+    if variants is None:
+        wanted = VARIANTS
+    else:
+        wanted = tuple(variants)
+        bad = [v for v in wanted if v not in VARIANTS]
+        if bad or not wanted:
+            raise ConsistentAvatarError(
+                f"variants must be a non-empty subset of {list(VARIANTS)}, got {list(wanted)}"
+            )
+    missing_stages = [s for s in STAGES if s not in manifest.stages]
+    if missing_stages:
+        raise ConsistentAvatarError(f"bundle {root} lacks stage(s) {missing_stages}: export it again")
+    plan: dict[Stage, list[Variant]] = {}
+    for stage in STAGES:
+        stored = manifest.stages[stage].variants
+        chosen = [v for v in wanted if v in stored]
+        if variants is not None and len(chosen) != len(wanted):
+            absent = [v for v in wanted if v not in stored]
+            raise ConsistentAvatarError(
+                f"bundle {root} has no {absent} weights for {stage} (it holds {sorted(stored)})"
+            )
+        if not chosen:
+            raise ConsistentAvatarError(f"bundle {root} holds no weights for {stage}: export it again")
+        plan[stage] = chosen
+
+    needed = [
+        PRESET_FILE,
+        EMOTIONS_FILE,
+        NULL_CONTEXT_FILE,
+        *(r for r in manifest.files if r.startswith(f"{VAE_DIR}/")),
+    ]
+    for stage, chosen in plan.items():
+        entry = manifest.stages[stage]
+        needed.append(entry.config)
+        for v in chosen:
+            needed.append(entry.variants[v].file)
+            if entry.variants[v].base is not None:
+                needed.append(entry.variants[entry.variants[v].base].file)
+    needed = list(dict.fromkeys(needed))
+    _check_files(root, manifest, needed, verify)
+
+    try:
+        preset = parse_preset(read_json(root / PRESET_FILE))
+    except json.JSONDecodeError as exc:
+        raise ConsistentAvatarError(f"bundle {root}: {PRESET_FILE} is not valid JSON: {exc}") from exc
+    # Pretrained directories are provenance only: every weight comes from the bundle.
+    preset = preset.model_copy(update={"pretrained": type(preset.pretrained)()})
+    emotions = EmotionTable.read(root / EMOTIONS_FILE)
+    if emotions.dim != preset.conditioning.emotion_dim:
+        raise ConsistentAvatarError(
+            f"bundle {root}: emotion embeddings have {emotions.dim} dims, the preset takes "
+            f"{preset.conditioning.emotion_dim}: export it again"
+        )
+    try:
+        vae = AutoencoderKL.from_pretrained(
+            root / VAE_DIR, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False
+        )
+    except (OSError, ValueError) as exc:
+        raise ConsistentAvatarError(
+            f"bundle {root}: the VAE in {VAE_DIR}/ does not load ({exc}): export it again"
+        ) from exc
+    _check_vae(vae, preset)
+    vae = freeze(vae.to(device))  # type: ignore[assignment]
+    null = _read_safetensors(root / NULL_CONTEXT_FILE, torch.device("cpu")).get("context")
+    if null is None or null.shape != (
+        preset.conditioning.null_context_tokens,
+        preset.unet.cross_attention_dim,
+    ):
+        raise ConsistentAvatarError(
+            f"bundle {root}: {NULL_CONTEXT_FILE} does not hold the preset's null context"
+        )
+
+    models: dict[Stage, dict[Variant, Any]] = {"tsdm": {}, "fcsd": {}}
+    cpu = torch.device("cpu")
+    for stage, chosen in plan.items():
+        entry = manifest.stages[stage]
+        try:
+            configs = read_json(root / entry.config)
+        except json.JSONDecodeError as exc:
+            raise ConsistentAvatarError(f"bundle {root}: {entry.config} is not valid JSON: {exc}") from exc
+        for variant in chosen:
+            ventry = entry.variants[variant]
+            # Read on the CPU; load_state_dict copies (and casts) into the tensors allocated on device.
+            state = _read_safetensors(root / ventry.file, cpu)
+            if ventry.base is not None:
+                base_file = root / entry.variants[ventry.base].file
+                rest = set(_safetensors_keys(base_file)) - set(state)
+                state.update(_read_safetensors(base_file, cpu, rest))
+            model = _meta_model(stage, preset, configs, vae, null)
+            models[stage][variant] = _materialise(model, state, null, device, dtype, f"{root / ventry.file}")
+            del state
+    training = None
+    if (root / TRAINING_FILE).is_file():
+        training = read_json(root / TRAINING_FILE)
+    log.info("bundle %s (actor %r) loaded: %s on %s, %s", root, manifest.actor, plan, device, dtype)
+    return ActorBundle(
+        root=root,
+        uri=os.fspath(path_or_uri),
+        manifest=manifest,
+        preset=preset,
+        emotions=emotions.to(device=device, dtype=dtype),
+        vae=vae,
+        tsdm=models["tsdm"],
+        fcsd=models["fcsd"],
+        device=device,
+        dtype=dtype,
+        training=training,
+    )

@@ -1,0 +1,429 @@
+"""The render pipeline (consistent_avatar.pipeline) on the tiny preset, CPU."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from consistent_avatar.bundle import EmotionTable, RefinerReference, load_bundle, save_bundle
+from consistent_avatar.data.layout import EMOTIONS
+from consistent_avatar.errors import ConsistentAvatarError
+from consistent_avatar.models import build_fcsd, build_tsdm, load_preset, load_shared_components
+from consistent_avatar.models.refiner import Refiner
+from consistent_avatar.pipeline import EMOTION_TOKEN, ConsistentAvatarPipeline
+from consistent_avatar.tsd import temporally_sensitive_detail
+
+B = 2
+STEPS = 2
+
+
+def _student(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    student = copy.deepcopy(model, memo={id(model.vae): model.vae})  # the VAE stays shared
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in [*student.conditioning.parameters(), *student.unet.conv_out.parameters()]:
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return student
+
+
+@pytest.fixture(scope="module")
+def preset():
+    return load_preset("tiny")
+
+
+def _as_if_trained(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give the zero-initialised parts (TSDM's widened conv_in, the ControlNet's zero convolutions)
+    non-zero weights, as training does: at init the coarse latent and z_c have no effect at all."""
+    g = torch.Generator().manual_seed(seed)
+    parts = [model.unet.conv_in]
+    if hasattr(model, "controlnet"):
+        cn = model.controlnet
+        parts += [cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for part in parts:
+            for p in part.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(preset):
+    shared = load_shared_components(preset, seed=0)
+    tsdm = _as_if_trained(build_tsdm(preset, shared, seed=0), 4)
+    fcsd = _as_if_trained(build_fcsd(preset, shared, seed=0), 5)
+    return {"tsdm": tsdm, "fcsd": fcsd, "lcm_tsdm": _student(tsdm, 1), "lcm_fcsd": _student(fcsd, 2)}
+
+
+@pytest.fixture(scope="module")
+def emotions():
+    return EmotionTable(EMOTIONS, torch.randn(len(EMOTIONS), 768, generator=torch.Generator().manual_seed(3)))
+
+
+@pytest.fixture(scope="module")
+def pipe(preset, models, emotions) -> ConsistentAvatarPipeline:
+    return ConsistentAvatarPipeline(
+        preset=preset,
+        tsdm={"teacher": models["tsdm"], "lcm": models["lcm_tsdm"]},
+        fcsd={"teacher": models["fcsd"], "lcm": models["lcm_fcsd"]},
+        emotions=emotions,
+        actor="tiny-actor",
+    )
+
+
+def inputs(preset, seed: int = 0, batch: int = B) -> dict[str, object]:
+    g = torch.Generator().manual_seed(seed)
+    r = preset.resolution
+    return {
+        "coarse_rgb": (torch.rand(batch, 3, r, r, generator=g) * 255).to(torch.uint8),
+        "coarse_normal": torch.rand(batch, 3, r, r, generator=g),
+        "pose": torch.randn(batch, 6, generator=g) * 0.1,
+        "expression": torch.randn(batch, 100, generator=g),
+        "emotion": ["happy", "angry", "sad", "fear"][:batch],
+    }
+
+
+def networks(pipe: ConsistentAvatarPipeline) -> dict[str, torch.nn.Module]:
+    """Every network a call could run, by name (VAE halves separately: encode/decode are not forward)."""
+    out: dict[str, torch.nn.Module] = {}
+    for variant, t in pipe.tsdm.items():
+        out |= {f"tsdm.{variant}.unet": t.unet, f"tsdm.{variant}.encoder": t.conditioning}
+    for variant, f in pipe.fcsd.items():
+        out |= {
+            f"fcsd.{variant}.unet": f.unet,
+            f"fcsd.{variant}.controlnet": f.controlnet,
+            f"fcsd.{variant}.encoder": f.conditioning,
+        }
+    vae = next(iter(pipe.fcsd.values())).vae
+    out |= {"vae.encoder": vae.encoder, "vae.decoder": vae.decoder}
+    return out
+
+
+@contextmanager
+def count_calls(pipe: ConsistentAvatarPipeline) -> Iterator[Counter[str]]:
+    calls: Counter[str] = Counter()
+    handles = [
+        module.register_forward_pre_hook(lambda _m, _a, name=name: calls.update([name]))
+        for name, module in networks(pipe).items()
+    ]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+SWITCHES = [
+    {},
+    {"baseline": True},
+    {"without_normal": True},
+    {"without_emotion": True},
+    {"without_lcm": True},
+    {"sampler": "dpm"},
+]
+
+
+# ---------------------------------------------------------------- shapes, determinism, ablations
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(s) or "full")
+def test_shapes_and_determinism_under_each_switch(pipe, preset, switches) -> None:
+    x = inputs(preset)
+    first = pipe(**x, num_steps=STEPS, seed=11, return_intermediates=True, **switches)
+    again = pipe(**x, num_steps=STEPS, seed=11, **switches)
+    r = preset.resolution
+    assert first.frames.shape == (B, 3, r, r) and first.frames.dtype == torch.float32
+    assert 0.0 <= float(first.frames.min()) and float(first.frames.max()) <= 1.0
+    assert torch.equal(first.frames, again.frames)
+    assert first.coarse_tsd is not None and first.coarse_tsd.shape == (B, 3, r, r)
+    if switches.get("baseline"):
+        assert first.aligned_tsd is None and "tsd" not in first.latents
+    else:
+        assert first.aligned_tsd is not None and first.aligned_tsd.shape == (B, 3, r, r)
+        assert float(first.aligned_tsd.abs().max()) <= 1.0
+    assert first.latents["frame"].shape == (B, preset.latent_channels, preset.latent_size, preset.latent_size)
+    s = first.settings
+    assert s["variant"] == ("teacher" if switches.get("without_lcm") or "sampler" in switches else "lcm")
+    assert s["sampler"] == switches.get("sampler", "ddim" if switches.get("without_lcm") else "lcm")
+    assert {k: s[k] for k in switches if k in s and k != "sampler"} == {
+        k: v for k, v in switches.items() if k != "sampler"
+    }
+    assert set(first.timings) >= {"tsd", "stage3", "total"} and first.timings["total"] > 0
+    assert ("stage2" in first.timings) != bool(switches.get("baseline"))
+    u8 = first.frames_uint8()
+    assert u8.shape == (B, r, r, 3) and u8.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("switches", SWITCHES[1:], ids=lambda s: ",".join(s))
+def test_every_switch_changes_the_frames(pipe, preset, switches) -> None:
+    x = inputs(preset, 1)
+    full = pipe(**x, num_steps=STEPS, seed=3).frames
+    assert not torch.equal(pipe(**x, num_steps=STEPS, seed=3, **switches).frames, full)
+
+
+def test_seed_matters_and_per_frame_seeds_are_batch_independent(pipe, preset) -> None:
+    x = inputs(preset, 2, batch=3)
+    a = pipe(**x, num_steps=STEPS, seed=1).frames
+    assert not torch.equal(a, pipe(**x, num_steps=STEPS, seed=2).frames)
+    batched = pipe(**x, num_steps=STEPS, seed=[5, 6, 7]).frames
+    alone = torch.cat(
+        [
+            pipe(**{k: v[i : i + 1] for k, v in x.items()}, num_steps=STEPS, seed=[5 + i]).frames
+            for i in range(3)
+        ]
+    )
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=0)
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    assert torch.equal(pipe(**x, num_steps=STEPS, generator=gens).frames, batched)
+
+
+def test_baseline_feeds_the_coarse_tsd_to_stage_3(pipe, preset) -> None:
+    x = inputs(preset, 4)
+    out = pipe(**x, num_steps=STEPS, baseline=True, return_intermediates=True)
+    expected = temporally_sensitive_detail(x["coarse_rgb"], pipe.tsd)
+    assert torch.equal(out.coarse_tsd, expected)
+
+
+def test_without_normal_is_the_zero_normal_map(pipe, preset) -> None:
+    x = inputs(preset, 5)
+    ablated = pipe(**x, num_steps=STEPS, without_normal=True).frames
+    assert torch.equal(
+        pipe(**{**x, "coarse_normal": None}, num_steps=STEPS, without_normal=True).frames, ablated
+    )
+    grey = torch.full_like(x["coarse_normal"], 0.5)  # (0 + 1) / 2: the zero vector in the layout's encoding
+    assert torch.equal(pipe(**{**x, "coarse_normal": grey}, num_steps=STEPS).frames, ablated)
+
+
+def test_without_emotion_ignores_the_emotion_and_zeroes_its_token(pipe, preset) -> None:
+    x = inputs(preset, 6)
+    ablated = pipe(**x, num_steps=STEPS, without_emotion=True).frames
+    assert torch.equal(pipe(**{**x, "emotion": None}, num_steps=STEPS, without_emotion=True).frames, ablated)
+    assert torch.equal(
+        pipe(**{**x, "emotion": "neutral"}, num_steps=STEPS, without_emotion=True).frames, ablated
+    )
+    # the token the switch zeroes is the emotion's: f_d row 3 is the only one that depends on it
+    f = pipe.fcsd["lcm"]
+    tsd = torch.rand(1, 3, preset.resolution, preset.resolution) * 2 - 1
+    p, e = torch.zeros(1, 6), torch.zeros(1, 100)
+    t1 = f.condition(tsd, p, e, pipe.emotions.embeddings[:1])
+    t2 = f.condition(tsd, p, e, pipe.emotions.embeddings[1:2])
+    changed = [i for i in range(t1.shape[1]) if not torch.equal(t1[:, i], t2[:, i])]
+    assert changed == [EMOTION_TOKEN]
+
+
+def test_without_lcm_uses_the_teachers_with_their_default_steps(pipe, preset) -> None:
+    out = pipe(**inputs(preset), without_lcm=True)
+    assert (out.settings["variant"], out.settings["sampler"], out.settings["num_steps"]) == (
+        "teacher",
+        "ddim",
+        25,
+    )
+    with count_calls(pipe) as calls:
+        pipe(**inputs(preset), without_lcm=True, sampler="dpm", num_steps=3)
+    assert calls["tsdm.teacher.unet"] == 3 and calls["fcsd.teacher.unet"] == 3 and calls["tsdm.lcm.unet"] == 0
+    with pytest.raises(ConsistentAvatarError, match="without_lcm samples the teacher"):
+        pipe(**inputs(preset), without_lcm=True, sampler="lcm")
+
+
+def test_emotion_as_label_id_or_embedding_is_the_same(pipe, preset, emotions) -> None:
+    x = inputs(preset, 7)
+    ids = [EMOTIONS.index(e) for e in x["emotion"]]
+    by_label = pipe(**x, num_steps=STEPS).frames
+    for emotion in (ids, torch.tensor(ids), emotions.embeddings[ids].clone()):
+        assert torch.equal(pipe(**{**x, "emotion": emotion}, num_steps=STEPS).frames, by_label)
+    one = pipe(**{**x, "emotion": "sad"}, num_steps=STEPS).frames
+    assert torch.equal(pipe(**{**x, "emotion": ["sad", "sad"]}, num_steps=STEPS).frames, one)
+    assert torch.equal(pipe(**{**x, "emotion": EMOTIONS.index("sad")}, num_steps=STEPS).frames, one)
+
+
+def test_uint8_and_float_images_are_the_same_input(pipe, preset) -> None:
+    x = inputs(preset, 8)
+    as_float = {**x, "coarse_rgb": x["coarse_rgb"].float() / 255.0}
+    as_u8 = {**x, "coarse_normal": (x["coarse_normal"] * 255).round().to(torch.uint8)}
+    as_float["coarse_normal"] = as_u8["coarse_normal"].float() / 255.0
+    torch.testing.assert_close(
+        pipe(**as_float, num_steps=STEPS).frames, pipe(**as_u8, num_steps=STEPS).frames, atol=1e-5, rtol=0
+    )
+
+
+# ---------------------------------------------------------------- efficiency by construction
+
+
+def test_one_batched_network_call_per_step_and_vae_only_where_needed(pipe, preset) -> None:
+    x = inputs(preset, 9, batch=3)
+    with count_calls(pipe) as calls:
+        pipe(**x, num_steps=3)
+    assert calls["tsdm.lcm.unet"] == 3 and calls["fcsd.lcm.unet"] == 3 and calls["fcsd.lcm.controlnet"] == 3
+    assert calls["tsdm.lcm.encoder"] == 1 and calls["fcsd.lcm.encoder"] == 1
+    assert calls["vae.encoder"] == 1 and calls["vae.decoder"] == 2  # coarse TSD in; aligned TSD, frame out
+    assert not [k for k in calls if ".teacher." in k]
+    with count_calls(pipe) as calls:
+        pipe(**x, num_steps=3, baseline=True)
+    assert calls["vae.encoder"] == 0 and calls["vae.decoder"] == 1 and calls["tsdm.lcm.unet"] == 0
+
+
+# ---------------------------------------------------------------- bad input: refused before any network
+
+
+R = 64
+BAD_INPUTS = [
+    ({"coarse_rgb": torch.zeros(B, 3, 32, 32, dtype=torch.uint8)}, "coarse_rgb must have shape .*resize"),
+    ({"coarse_rgb": torch.zeros(B, R, R, 3, dtype=torch.uint8)}, "channels last"),
+    ({"coarse_rgb": torch.zeros(B, 4, R, R, dtype=torch.uint8)}, "coarse_rgb must have shape"),
+    ({"coarse_rgb": torch.zeros(3, R, R, dtype=torch.uint8)}, "batch dimension"),
+    ({"coarse_rgb": torch.full((B, 3, R, R), 255.0)}, r"coarse_rgb has values in .*\[0, 1\]"),
+    ({"coarse_rgb": torch.full((B, 3, R, R), float("nan"))}, "coarse_rgb contains NaN"),
+    ({"coarse_rgb": torch.zeros(B, 3, R, R, dtype=torch.int32)}, "uint8"),
+    ({"coarse_rgb": [[0]]}, "coarse_rgb must be a torch.Tensor"),
+    ({"coarse_normal": torch.rand(B, 3, R, R) * 2 - 1}, "coarse_normal has values"),
+    ({"coarse_normal": torch.rand(B + 1, 3, R, R)}, "coarse_normal has batch size 3"),
+    ({"coarse_normal": None}, "coarse_normal is required"),
+    ({"pose": torch.zeros(B, 5)}, r"pose must have shape \(B, 6\)"),
+    ({"pose": torch.zeros(B + 1, 6)}, "pose has batch size"),
+    ({"pose": torch.zeros(B, 6, dtype=torch.long)}, "pose must be a floating"),
+    ({"expression": torch.zeros(B, 50)}, r"expression must have shape \(B, 100\)"),
+    ({"expression": torch.full((B, 100), float("inf"))}, "expression contains NaN"),
+    ({"emotion": ["happy", "elated"]}, "unknown emotion label 'elated'"),
+    ({"emotion": ["happy"]}, "emotion has 1 entries"),
+    ({"emotion": torch.tensor([0, 8])}, r"ids must lie in \[0, 8\)"),
+    ({"emotion": torch.zeros(B, 512)}, r"embeddings must have shape \(2, 768\)"),
+    ({"emotion": torch.full((B, 768), float("nan"))}, "emotion embeddings contain NaN"),
+    ({"emotion": None}, "emotion is required"),
+    ({"emotion": [1, "happy"]}, "only labels"),
+    ({"num_steps": 0}, "num_steps"),
+    ({"num_steps": 60}, "num_steps"),  # beyond the LCM grid (50)
+    ({"sampler": "euler"}, "sampler must be one of"),
+    ({"seed": [1]}, "1 seeds given for a batch of 2"),
+    ({"seed": "7"}, "seed must be"),
+    ({"baseline": 1}, "baseline must be True or False"),
+    ({"refine": True}, "no refiner is loaded"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_is_refused_before_any_network_runs(pipe, preset, change, message) -> None:
+    x = {**inputs(preset, 10), "num_steps": STEPS, **change}
+    with count_calls(pipe) as calls, pytest.raises(ConsistentAvatarError, match=message):
+        pipe(**x)
+    assert sum(calls.values()) == 0, calls
+    with count_calls(pipe) as calls:  # the hooks do see a valid call
+        pipe(**inputs(preset, 10), num_steps=1)
+    assert calls["fcsd.lcm.unet"] == 1
+
+
+# ---------------------------------------------------------------- construction, placement, compile
+
+
+def test_pipeline_without_students_defaults_to_its_teachers(preset, models, emotions) -> None:
+    teachers = ConsistentAvatarPipeline(
+        preset=preset, tsdm={"teacher": models["tsdm"]}, fcsd={"teacher": models["fcsd"]}, emotions=emotions
+    )
+    out = teachers(**inputs(preset), num_steps=STEPS)
+    assert (out.settings["variant"], out.settings["sampler"]) == ("teacher", "ddim")
+    with pytest.raises(ConsistentAvatarError, match="needs the lcm weights of fcsd"):
+        teachers(**inputs(preset), sampler="lcm")
+
+
+def test_bad_construction(preset, models, emotions) -> None:
+    with pytest.raises(ConsistentAvatarError, match="must be a FCSD"):
+        ConsistentAvatarPipeline(
+            preset=preset,
+            tsdm={"teacher": models["tsdm"]},
+            fcsd={"teacher": models["tsdm"]},
+            emotions=emotions,
+        )
+    with pytest.raises(ConsistentAvatarError, match="variant 'student'"):
+        ConsistentAvatarPipeline(
+            preset=preset,
+            tsdm={"student": models["tsdm"]},
+            fcsd={"teacher": models["fcsd"]},
+            emotions=emotions,
+        )
+    with pytest.raises(ConsistentAvatarError, match="emotion embeddings have 4 dims"):
+        ConsistentAvatarPipeline(
+            preset=preset,
+            tsdm={},
+            fcsd={"teacher": models["fcsd"]},
+            emotions=EmotionTable(("a",), torch.zeros(1, 4)),
+        )
+
+
+def test_to_bf16_and_back_to_another_pipeline(preset, models, emotions) -> None:
+    own = {k: copy.deepcopy(v) for k, v in models.items()}
+    own["tsdm"].vae = own["fcsd"].vae = own["lcm_tsdm"].vae = own["lcm_fcsd"].vae  # one shared VAE, as loaded
+    p = ConsistentAvatarPipeline(
+        preset=preset, tsdm={"lcm": own["lcm_tsdm"]}, fcsd={"lcm": own["lcm_fcsd"]}, emotions=emotions
+    ).to(dtype=torch.bfloat16)
+    assert p.dtype == torch.bfloat16 and next(p.fcsd["lcm"].controlnet.parameters()).dtype == torch.bfloat16
+    assert p.fcsd["lcm"].vae.dtype == torch.bfloat16
+    out = p(**inputs(preset), num_steps=STEPS)
+    assert out.frames.dtype == torch.float32 and bool(torch.isfinite(out.frames).all())
+
+
+def test_compile_keeps_the_outputs(preset, models, emotions) -> None:
+    own = {k: copy.deepcopy(models[k]) for k in ("lcm_tsdm", "lcm_fcsd")}
+    p = ConsistentAvatarPipeline(
+        preset=preset, tsdm={"lcm": own["lcm_tsdm"]}, fcsd={"lcm": own["lcm_fcsd"]}, emotions=emotions
+    )
+    x = inputs(preset, 12)
+    eager = p(**x, num_steps=STEPS).frames
+    p.compile(backend="eager")  # dynamo tracing on CPU; inductor/CUDA graphs are for the GPU host
+    torch.testing.assert_close(p(**x, num_steps=STEPS).frames, eager, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- refiner
+
+
+@pytest.fixture(scope="module")
+def refiner_dir(tmp_path_factory) -> Path:
+    from test_refiner import save_tiny_refiner  # tiny random SDXL-refiner weights, real layout
+
+    tmp = tmp_path_factory.mktemp("refiner")
+    return save_tiny_refiner(tmp / "sdxl-refiner", tmp)
+
+
+def test_bundle_refiner_reference_is_loaded_and_applied(
+    tmp_path, preset, models, emotions, refiner_dir
+) -> None:
+    out = save_bundle(
+        tmp_path / "b",
+        actor="ref",
+        preset=preset,
+        weights=models,
+        emotion_labels=emotions.labels,
+        emotion_table=emotions.embeddings,
+        refiner=RefinerReference(path=str(refiner_dir), strength=0.5, num_steps=4),
+    )
+    bundle = load_bundle(out, variants=("lcm",))
+    p = ConsistentAvatarPipeline.from_bundle(bundle)
+    assert isinstance(p.refiner, Refiner) and p.refiner.strength == 0.5
+    x = inputs(preset, 13)
+    refined = p(**x, num_steps=STEPS)
+    plain = p(**x, num_steps=STEPS, refine=False)
+    assert refined.settings["refiner"] and not plain.settings["refiner"] and "refiner" in refined.timings
+    assert refined.frames.shape == plain.frames.shape and not torch.equal(refined.frames, plain.frames)
+    assert torch.equal(p(**x, num_steps=STEPS).frames, refined.frames)
+    no_refiner = ConsistentAvatarPipeline.from_bundle(bundle, refiner=False)
+    assert no_refiner.refiner is None and torch.equal(no_refiner(**x, num_steps=STEPS).frames, plain.frames)
+    assert ConsistentAvatarPipeline.from_bundle(bundle, refiner=True).refiner is not None
+    # a bundle whose reference points nowhere, and one without a reference
+    common = {
+        "preset": preset,
+        "weights": models,
+        "emotion_labels": emotions.labels,
+        "emotion_table": emotions.embeddings,
+    }
+    dangling = save_bundle(tmp_path / "c", actor="c", refiner=str(tmp_path / "moved"), **common)
+    with pytest.raises(ConsistentAvatarError, match="refiner=False"):
+        ConsistentAvatarPipeline.from_bundle(load_bundle(dangling, variants=("lcm",)))
+    without = load_bundle(save_bundle(tmp_path / "d", actor="d", **common), variants=("lcm",))
+    assert ConsistentAvatarPipeline.from_bundle(without).refiner is None
+    with pytest.raises(ConsistentAvatarError, match="references no refiner"):
+        ConsistentAvatarPipeline.from_bundle(without, refiner=True)
+    with_path = ConsistentAvatarPipeline.from_bundle(without, refiner=refiner_dir)
+    assert isinstance(with_path.refiner, Refiner) and with_path.refiner.strength == 0.2

@@ -147,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     from .training.cli import register_cli as register_train
+    from .evaluation.cli import register_cli as register_evaluate
 
     register_train(sub)
+    register_evaluate(sub)
     return p
 
 

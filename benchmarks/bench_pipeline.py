@@ -148,6 +148,32 @@ def bench_one(
     return row
 
 
+def precision_check(pipe: Any, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    """Frames of the benchmarked pipeline vs an eager fp32 pipeline built from the same seed.
+
+    Same weights (same seed), same inputs, same noise (CPU generators), 4 LCM steps, the first
+    ``--batch``. The
+    difference measures what bf16/fp16 and compilation change in the output, nothing else.
+    """
+    steps, batch = 4, args.batch[0]  # a batch size already compiled/captured by the benchmark
+    x = make_inputs(pipe.preset, batch, device, args.seed)
+    kw = {"num_steps": steps, "sampler": args.sampler, "baseline": args.baseline, "seed": args.seed}
+    fast = pipe(**x, **kw).frames.float()
+    plain = build_pipeline(args.preset, device, torch.float32, args.seed)
+    ref = plain(**x, **kw).frames.float()
+    del plain
+    diff = (fast - ref).abs()
+    mse = float((diff**2).mean())
+    return {
+        "steps": steps,
+        "batch": batch,
+        "reference": "eager fp32, same seed and inputs",
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "psnr_db": float("inf") if mse == 0 else 10 * float(torch.log10(torch.tensor(1.0 / mse))),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", help="tiny | small | sd15 | a preset JSON path")
@@ -168,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--check",
+        action="store_true",
+        help="also render one batch with an eager fp32 copy of the same weights and report how far "
+        "the benchmarked (dtype, compile) pipeline's frames are from it",
+    )
+    ap.add_argument("--no-compile-vae", action="store_true", help="with --compile: leave the VAE eager")
+    ap.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/pipeline_<preset>_<device>.json)"
     )
     args = ap.parse_args(argv)
@@ -185,12 +218,50 @@ def main(argv: list[str] | None = None) -> int:
     pipe = build_pipeline(args.preset, device, DTYPES[args.dtype], args.seed)
     build_s = time.perf_counter() - t0
     if args.compile:
-        pipe.compile(mode=args.compile)
+        pipe.compile(mode=args.compile, vae=not args.no_compile_vae)
 
-    rows = []
+    preset_tag = Path(args.preset).stem if args.preset.endswith(".json") else args.preset
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(__file__).resolve().parent / "results" / f"pipeline_{preset_tag}_{device.type}.json"
+    )
+    rows: list[dict[str, Any]] = []
+    check: dict[str, Any] | None = None
+
+    def save() -> None:
+        """Rewrite the JSON after every configuration: a run cut short keeps what it measured."""
+        atomic_write_json(
+            out,
+            {
+                "benchmark": "pipeline",
+                "command": "PYTHONPATH=platform python "
+                + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+                "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "machine": machine_info(device),
+                "settings": {k: v for k, v in vars(args).items() if k != "out"},
+                "build_seconds": round(build_s, 2),
+                "notes": "random weights; full method (stage 2 + stage 3 + VAE decodes), no refiner; "
+                "inputs on device; median of --iters calls after --warmup untimed calls (compilation "
+                "and graph capture happen in the warm-up); ms/frame = ms per call / batch",
+                "results": rows,
+                "precision_check": check,
+            },
+        )
+
     configs = [(s, b) for s in args.steps for b in args.batch]
     for steps, batch in tqdm(configs, desc="pipeline configs", file=sys.stderr):
         rows.append(bench_one(pipe, device, steps, batch, args))
+        save()
+
+    if args.check:
+        check = precision_check(pipe, device, args)
+        save()
+        print(
+            f"optimised vs eager fp32 ({check['steps']} steps, batch {check['batch']}): "
+            f"max |Δ| {check['max_abs_diff']:.4f}, mean |Δ| {check['mean_abs_diff']:.5f}, "
+            f"PSNR {check['psnr_db']:.1f} dB (frames in [0, 1])"
+        )
 
     header = (
         f"{'preset':8s} {'device':8s} {'dtype':5s} {'sampler':7s} {'steps':>5s} {'batch':>5s} "
@@ -206,26 +277,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['ms_per_frame']:10.2f} {r['frames_per_s']:9.2f} "
             f"{ph.get('stage2', 0.0):10.2f} {ph.get('stage3', 0.0):10.2f}"
         )
-    preset_tag = Path(args.preset).stem if args.preset.endswith(".json") else args.preset
-    out = (
-        Path(args.out)
-        if args.out
-        else Path(__file__).resolve().parent / "results" / f"pipeline_{preset_tag}_{device.type}.json"
-    )
-    result = {
-        "benchmark": "pipeline",
-        "command": "PYTHONPATH=platform python "
-        + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(device),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "build_seconds": round(build_s, 2),
-        "notes": "random weights; full method (stage 2 + stage 3 + VAE decodes), no refiner; "
-        "inputs on device; "
-        "median of --iters calls after --warmup untimed calls; ms/frame = ms per call / batch",
-        "results": rows,
-    }
-    atomic_write_json(out, result)
     print(f"\nwrote {out}")
     return 0
 

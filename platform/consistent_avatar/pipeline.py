@@ -114,6 +114,16 @@ class PipelineOutput:
         return (self.frames.clamp(0, 1) * 255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
+def _mark_graph_step() -> None:
+    """Tell CUDA-graph trees a new denoising step begins (after :meth:`ConsistentAvatarPipeline.compile`).
+
+    With ``mode="reduce-overhead"`` the networks replay CUDA graphs whose outputs live in a shared
+    memory pool; marking each step lets the ControlNet's residuals feed the UNet of the same step
+    while the previous step's buffers are reused. A no-op cost when nothing is compiled.
+    """
+    torch.compiler.cudagraph_mark_step_begin()
+
+
 class _TSDMEpsilon:
     """Stage 2 as a :class:`~.models.denoiser.Denoiser`: tokens and coarse latent computed once."""
 
@@ -124,6 +134,7 @@ class _TSDMEpsilon:
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: Mapping[str, torch.Tensor]
     ) -> torch.Tensor:
         # ε in float32: the scheduler's update then runs in full precision whatever the model dtype.
+        _mark_graph_step()
         return self.model(sample, timestep, cond["tokens"], cond["coarse_latent"]).float()
 
 
@@ -136,6 +147,7 @@ class _FCSDEpsilon:
     def __call__(
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: Mapping[str, torch.Tensor]
     ) -> torch.Tensor:
+        _mark_graph_step()
         return self.model(sample, timestep, cond["tokens"], cond["control"]).float()
 
 
@@ -402,21 +414,30 @@ class ConsistentAvatarPipeline:
         backend: str = "inductor",
         fullgraph: bool = False,
         dynamic: bool = False,
+        vae: bool = True,
     ) -> ConsistentAvatarPipeline:
         """Wrap every UNet and ControlNet forward with ``torch.compile`` (in place; first calls compile).
 
         Shapes are static per batch size and step count, and each per-step call is a pure function
         of tensors, so ``mode="reduce-overhead"`` (CUDA graphs) applies as well. ``mode`` is only
-        passed to the inductor backend.
+        passed to the inductor backend. ``vae``: also compile the VAE's encoder and decoder (each
+        distinct VAE once) — at 512² its three passes cost as much as several denoising steps.
         """
         opts: dict[str, Any] = {"backend": backend, "fullgraph": fullgraph, "dynamic": dynamic}
         if backend == "inductor":
             opts["mode"] = mode
-        for t in self.tsdm.values():
-            t.unet.compile(**opts)
-        for f in self.fcsd.values():
-            f.unet.compile(**opts)
-            f.controlnet.compile(**opts)
+        seen: set[int] = set()
+        for model in self._models():
+            if id(model) in seen:  # a variant may share its model with another
+                continue
+            seen.add(id(model))
+            if isinstance(model, FCSD):
+                model.controlnet.compile(**opts)
+            model.unet.compile(**opts)
+            if vae and id(model.vae) not in seen:
+                seen.add(id(model.vae))
+                model.vae.encoder.compile(**opts)
+                model.vae.decoder.compile(**opts)
         return self
 
     # ---- sampling settings ------------------------------------------------------------------

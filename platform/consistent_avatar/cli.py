@@ -148,9 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .training.cli import register_cli as register_train
     from .evaluation.cli import register_cli as register_evaluate
+    from .render.cli import register_cli as register_render
 
     register_train(sub)
     register_evaluate(sub)
+    register_render(sub)
     return p
 
 

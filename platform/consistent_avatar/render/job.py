@@ -1,0 +1,938 @@
+"""The render job: prepared shards × actor bundles × ablation rows → frames, parquet rows, mp4s.
+
+What :func:`render` does, in order:
+
+1. **Check every input in the driver, before any Ray work**: the shard manifest, the actors (known,
+   with frames in the split), each actor's bundle at ``<bundles>/<actor>`` (present, readable, made
+   for that actor, at the shards' resolution, holding the weights the rows need, knowing the shards'
+   emotion labels), and OUT (not rendered from another split, not holding frames of other settings
+   unless ``force``). All problems are raised together as one :class:`ConsistentAvatarError`.
+2. **Plan what is missing**: per (row, actor) the frames of the split whose PNG and parquet row do
+   not exist yet, cut into *units* of at most ``batch_size`` frames — each unit is one actor, one
+   row, one network call.
+3. **Ray Data**: ``from_items(units).map_batches(FrameRenderer, compute=ActorPoolStrategy(...))``.
+   A pool actor loads bundles on first use (``load_bundle`` → ``ConsistentAvatarPipeline.from_bundle``,
+   an LRU of ``cache_size`` pipelines), reads its unit's rows from the shard files, renders them in
+   one ``ConsistentAvatarPipeline.__call__`` with per-frame seeds ``seed + frame``, and writes PNGs
+   then one parquet part (see :mod:`.outputs`). A unit that fails returns its error instead of failing
+   the job, so one broken actor does not stop the others; a pool actor that dies is restarted by Ray
+   Data and its unit retried (writes are atomic and idempotent).
+4. **Finish**: per (row, actor) merge the parts into ``outputs.parquet``; write the side-by-side mp4
+   (Ray tasks, one per video) once every frame exists; rewrite ``render_manifest.json``.
+
+Why work units instead of ``read_parquet(...).map_batches``: a batch must hold a single actor (one
+pipeline, one call), and only the missing frames of each (row, actor) are rendered. Units built in
+the driver give both without a shuffle of image bytes through the object store (a groupby would move
+every frame); each pool actor reads just its unit's rows from the shard files, with a filter on
+``frame``. The driver only ever holds the small per-frame index (frame, split, emotion label).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import platform as _platform
+import shlex
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import ConsistentAvatarError
+from ..io import decode_png, fingerprint_of, remove_stale_staging
+from .config import ROWS, RenderConfig, row_switches
+from .outputs import (
+    FRAMES_DIR,
+    RENDER_SCHEMA_VERSION,
+    OutputsScan,
+    actor_dir,
+    compact_outputs,
+    frame_png,
+    read_render_manifest,
+    scan_outputs,
+    video_path,
+    write_batch,
+    write_render_manifest,
+    write_side_by_side_video,
+)
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".render.lock"
+_INPUT_COLUMNS = ["frame", "coarse_rgb", "coarse_normal", "pose", "expression", "emotion"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans (plain, picklable data: the driver builds them, the pool actors read them)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowSettings:
+    """How one row is rendered for one actor: what the pipeline is called with, and the record of it
+    stored with the outputs (``settings``), which a re-run compares against."""
+
+    row: str
+    sampler: str
+    steps: int
+    switches: dict[str, bool]
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """One actor: where its bundle and shard rows are, and which frames the split selects."""
+
+    actor: str
+    bundle: str
+    bundle_fingerprint: str
+    variants: tuple[str, ...] | None
+    resolution: int
+    frames: tuple[int, ...]
+    splits: dict[int, str]
+    file_of: dict[int, str]
+    rows: dict[str, RowSettings]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What every pool actor needs: the plans plus the device settings."""
+
+    out: str
+    actors: dict[str, ActorPlan]
+    seed: int
+    use_gpu: bool
+    dtype: str
+    num_threads: int
+    compile: bool
+    refine: bool | None
+    refiner: str | None
+    cache_size: int
+    verify: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# The pool actor
+# ---------------------------------------------------------------------------------------------
+
+
+class FrameRenderer:
+    """Ray Data UDF (one per pool actor): renders work units, each one actor × one row × ≤B frames.
+
+    Keeps up to ``cache_size`` actor pipelines loaded (LRU). The constructor does no heavy work and
+    cannot fail on bad input (a failing constructor would fail the whole job); bundles load on first use
+    and a bundle that does not load fails only its actor's units.
+    """
+
+    def __init__(self, spec: JobSpec) -> None:
+        import torch
+
+        self.spec = spec
+        if spec.use_gpu and torch.cuda.is_available():
+            self.device = torch.device("cuda")
+        else:
+            self.device = torch.device("cpu")
+            torch.set_num_threads(max(1, spec.num_threads))
+        self.dtype = getattr(torch, spec.dtype)
+        self.pipelines: OrderedDict[str, Any] = OrderedDict()
+        self.load_errors: dict[str, str] = {}
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def _pipeline(self, actor: str) -> Any:
+        if actor in self.load_errors:
+            raise ConsistentAvatarError(self.load_errors[actor])
+        if actor in self.pipelines:
+            self.pipelines.move_to_end(actor)
+            return self.pipelines[actor]
+        from ..bundle import load_bundle
+        from ..pipeline import ConsistentAvatarPipeline
+
+        if self.spec.use_gpu and self.device.type != "cuda":
+            raise ConsistentAvatarError(
+                "this render asks for GPUs but the pool actor sees no CUDA device: check the node's "
+                "drivers, or render on CPU (num_gpus_per_actor=0)"
+            )
+        plan = self.spec.actors[actor]
+        while len(self.pipelines) >= self.spec.cache_size:
+            self.pipelines.popitem(last=False)
+            if self.device.type == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
+        try:
+            bundle = load_bundle(
+                plan.bundle, self.device, self.dtype, variants=plan.variants, verify=self.spec.verify
+            )
+            if self.spec.refine is False:
+                refiner: Any = False
+            elif self.spec.refiner is not None:
+                refiner = self.spec.refiner
+            else:
+                refiner = True if self.spec.refine else None
+            pipe = ConsistentAvatarPipeline.from_bundle(bundle, refiner=refiner)
+            if self.spec.compile:
+                pipe.compile()
+        except ConsistentAvatarError as exc:
+            self.load_errors[actor] = f"bundle {plan.bundle}: {exc}"
+            raise ConsistentAvatarError(self.load_errors[actor]) from exc
+        self.pipelines[actor] = pipe
+        return pipe
+
+    # -- one unit --------------------------------------------------------------------------
+
+    def _inputs(self, plan: ActorPlan, frames: list[int]) -> dict[str, Any]:
+        import torch
+
+        files = sorted({plan.file_of[f] for f in frames})
+        table = pq.read_table(files, columns=_INPUT_COLUMNS, filters=[("frame", "in", frames)])
+        got = table["frame"].to_pylist()
+        missing = sorted(set(frames) - set(got))
+        if missing:
+            raise ConsistentAvatarError(
+                f"frames {missing[:5]} of actor {plan.actor!r} are no longer in the shards: "
+                "the shards changed during the render; re-run the render"
+            )
+        position = {f: i for i, f in enumerate(got)}
+        table = table.take(pa.array([position[f] for f in frames]))
+
+        def images(column: str) -> torch.Tensor:
+            arr = np.stack([decode_png(v) for v in table[column].to_pylist()])
+            return torch.from_numpy(arr).permute(0, 3, 1, 2)
+
+        def vectors(column: str) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(table[column].to_pylist(), dtype=np.float32))
+
+        return {
+            "coarse_rgb": images("coarse_rgb"),
+            "coarse_normal": images("coarse_normal"),
+            "pose": vectors("pose"),
+            "expression": vectors("expression"),
+            "emotion": table["emotion"].to_pylist(),
+        }
+
+    def _render_unit(self, row: str, actor: str, frames: list[int]) -> int:
+        plan = self.spec.actors[actor]
+        rs = plan.rows[row]
+        pipe = self._pipeline(actor)
+        x = self._inputs(plan, frames)
+        if rs.switches.get("without_emotion"):
+            x["emotion"] = None  # no lookup: the row must not depend on the bundle knowing the labels
+        seeds = [self.spec.seed + f for f in frames]
+        result = pipe(
+            **x,
+            num_steps=rs.steps,
+            sampler=rs.sampler,
+            seed=seeds,
+            refine=self.spec.refine,
+            **rs.switches,
+        )
+        images = result.frames_uint8().numpy()
+        write_batch(
+            self.spec.out,
+            row=row,
+            actor=actor,
+            frames=frames,
+            splits=[plan.splits[f] for f in frames],
+            images=images,
+            timings=result.timings,
+            sampler=str(result.settings["sampler"]),
+            steps=int(result.settings["num_steps"]),
+            seeds=seeds,
+            settings=rs.settings,
+        )
+        return len(frames)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list[Any]] = {"row": [], "actor": [], "frames": [], "seconds": [], "error": []}
+        for row, actor, frames_json in zip(batch["row"], batch["actor"], batch["frames"]):
+            frames = [int(f) for f in json.loads(str(frames_json))]
+            t0 = time.perf_counter()
+            error = ""
+            done = 0
+            try:
+                done = self._render_unit(str(row), str(actor), frames)
+            except Exception as exc:  # isolate the actor: report, never fail the whole job
+                if isinstance(exc, ConsistentAvatarError):
+                    error = str(exc)
+                else:
+                    error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
+            out["row"].append(str(row))
+            out["actor"].append(str(actor))
+            out["frames"].append(done)
+            out["seconds"].append(time.perf_counter() - t0)
+            out["error"].append(error)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _video_task(out: str, row: str, plan: ActorPlan, fps: float) -> str:
+    """Write ``OUT/<row>/<actor>/<actor>.mp4`` (coarse | ours | real) for every frame of the split,
+    streaming one frame at a time from the shard files and the PNGs."""
+    import cv2
+
+    def ours(f: int) -> np.ndarray:
+        img = cv2.imread(str(frame_png(out, row, plan.actor, f)), cv2.IMREAD_COLOR)
+        if img is None:
+            raise ConsistentAvatarError(f"{frame_png(out, row, plan.actor, f)} is missing or unreadable")
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+    def triples() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        wanted = set(plan.frames)
+        by_file: dict[str, list[int]] = defaultdict(list)
+        for f in plan.frames:
+            by_file[plan.file_of[f]].append(f)
+        for path in sorted(by_file, key=lambda p: min(by_file[p])):
+            table = pq.read_table(path, columns=["frame", "coarse_rgb", "real_rgb"]).sort_by("frame")
+            for f, coarse, real in zip(
+                table["frame"].to_pylist(), table["coarse_rgb"].to_pylist(), table["real_rgb"].to_pylist()
+            ):
+                if f in wanted:
+                    yield decode_png(coarse), ours(f), decode_png(real)
+
+    path = video_path(out, row, plan.actor)
+    n = write_side_by_side_video(path, triples(), fps)
+    if n != len(plan.frames):
+        raise ConsistentAvatarError(f"{path}: wrote {n} of {len(plan.frames)} frames (shards changed?)")
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver: checks
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _BundleInfo:
+    manifest: Any  # BundleManifest
+    resolution: int
+    preset: str
+    labels: tuple[str, ...]
+    fingerprint: str
+
+
+def bundle_location(bundles: str | os.PathLike[str], actor: str) -> str:
+    """``<bundles>/<actor>`` for a local folder or a pyarrow URI (s3://…, gs://…)."""
+    text = os.fspath(bundles)
+    if "://" in text:
+        return f"{text.rstrip('/')}/{actor}"
+    return str(Path(text).expanduser().absolute() / actor)
+
+
+def _inspect_bundle(location: str) -> _BundleInfo:
+    """The small files of a bundle (manifest, preset, emotion labels), without loading weights; a
+    remote bundle's three files are fetched into a temporary folder."""
+    from ..bundle import EMOTIONS_FILE, MANIFEST_FILE, PRESET_FILE, read_manifest
+    from ..models.presets import parse_preset
+
+    def inspect(root: Path) -> _BundleInfo:
+        manifest = read_manifest(root)
+        try:
+            preset = parse_preset(json.loads((root / PRESET_FILE).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConsistentAvatarError(f"bundle {location}: {PRESET_FILE} is unreadable ({exc}): export it again") from exc
+        try:
+            labels = tuple(pq.read_table(root / EMOTIONS_FILE, columns=["label"])["label"].to_pylist())
+        except (OSError, pa.ArrowException) as exc:
+            raise ConsistentAvatarError(f"bundle {location}: {EMOTIONS_FILE} is unreadable ({exc}): export it again") from exc
+        digest = hashlib.sha256((root / MANIFEST_FILE).read_bytes()).hexdigest()[:16]
+        return _BundleInfo(manifest, preset.resolution, preset.name, labels, digest)
+
+    if "://" not in location:
+        return inspect(Path(location))
+    from pyarrow import fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(location)
+    except (pa.ArrowException, ValueError, OSError) as exc:
+        raise ConsistentAvatarError(f"cannot open the bundle URI {location!r}: {exc}") from exc
+    with tempfile.TemporaryDirectory(prefix="cavatar-bundle-") as tmp:
+        root = Path(tmp) / "bundle"
+        root.mkdir()
+        for name in (MANIFEST_FILE, PRESET_FILE, EMOTIONS_FILE):
+            info = fs.get_file_info(f"{path.rstrip('/')}/{name}")
+            if info.type == pafs.FileType.File:
+                with fs.open_input_stream(info.path) as src:
+                    (root / name).write_bytes(src.read())
+        if not (root / MANIFEST_FILE).is_file():
+            raise ConsistentAvatarError(f"no bundle at {location} (no {MANIFEST_FILE}): export it with `cavatar train`")
+        return inspect(root)
+
+
+def resolve_sampling(row: str, config: RenderConfig, manifest: Any) -> tuple[str, int, str]:
+    """(sampler, steps, variant) for ``row`` under ``config`` and a bundle manifest.
+
+    Mirrors the pipeline's defaults (``ConsistentAvatarPipeline._resolve_sampling``) so that they are
+    known, checked and recorded before rendering; the pool actors pass them explicitly. Raises when
+    the bundle lacks the weights the row needs.
+    """
+    sw = row_switches(row)
+    s = manifest.sampling
+    held = {stage: set(entry.variants) for stage, entry in manifest.stages.items()}
+    has_lcm = "lcm" in held.get("fcsd", set()) and (sw["baseline"] or "lcm" in held.get("tsdm", set()))
+    if sw["without_lcm"]:
+        kind = config.teacher_sampler or s.teacher_sampler
+        steps = config.teacher_steps or s.teacher_steps
+    else:
+        if config.sampler is not None:
+            kind = config.sampler
+        elif s.sampler == "lcm" and not has_lcm:
+            kind = s.teacher_sampler  # a bundle without students: its teachers
+        else:
+            kind = s.sampler
+        if config.steps is not None:
+            steps = config.steps
+        elif kind == "lcm":
+            steps = s.num_steps
+        else:
+            steps = config.teacher_steps or s.teacher_steps
+    variant = "lcm" if kind == "lcm" else "teacher"
+    needed = ["fcsd"] + ([] if sw["baseline"] else ["tsdm"])
+    lacking = [stage for stage in needed if variant not in held.get(stage, set())]
+    if lacking:
+        what = "LCM student" if variant == "lcm" else "teacher"
+        raise ConsistentAvatarError(
+            f"row {row!r} samples with {kind!r}, which needs the {what} weights of {', '.join(lacking)}, "
+            f"but the bundle holds {sorted(held.get(lacking[0], set()))}: "
+            + ("choose --sampler ddim" if variant == "lcm" else "drop that row or export the teachers too")
+        )
+    return kind, int(steps), variant
+
+
+def _shard_index(files: list[Path], split: str) -> tuple[list[int], dict[int, str], dict[int, str], set[str]]:
+    """(frames, split per frame, file per frame, emotion labels) of one actor's rows in ``split``."""
+    frames: list[int] = []
+    splits: dict[int, str] = {}
+    file_of: dict[int, str] = {}
+    labels: set[str] = set()
+    for path in files:
+        t = pq.read_table(path, columns=["frame", "split", "emotion"])
+        for f, s, e in zip(t["frame"].to_pylist(), t["split"].to_pylist(), t["emotion"].to_pylist()):
+            if split != "all" and s != split:
+                continue
+            frames.append(int(f))
+            splits[int(f)] = s
+            file_of[int(f)] = str(path)
+            labels.add(e)
+    return sorted(frames), splits, file_of, labels
+
+
+def _check_inputs(
+    shards: Path, bundles: str, config: RenderConfig
+) -> tuple[dict[str, Any], dict[str, ActorPlan]]:
+    """Every input check (see the module docstring, step 1); returns the shard manifest and plans."""
+    from ..data.shards import actor_files, load_manifest
+
+    manifest = load_manifest(shards)
+    known = sorted(manifest.get("actors", {}))
+    actors = config.actors or known
+    if not actors:
+        raise ConsistentAvatarError(f"{shards} holds no prepared actors: run `cavatar prepare` first")
+    unknown = [a for a in actors if a not in manifest["actors"]]
+    if unknown:
+        raise ConsistentAvatarError(
+            f"actor(s) {unknown} are not in {shards} (prepared actors: {', '.join(known) or 'none'}): "
+            "fix --actors, or prepare them"
+        )
+    resolution = manifest.get("resolution")
+    problems: list[str] = []
+    plans: dict[str, ActorPlan] = {}
+    emotion_needed = any(not row_switches(r)["without_emotion"] for r in config.rows)
+    for actor in actors:
+        entry = manifest["actors"][actor]
+        try:
+            files = actor_files(shards, actor)
+        except ConsistentAvatarError as exc:
+            problems.append(str(exc))
+            continue
+        frames, splits, file_of, labels = _shard_index(files, config.split)
+        if not frames:
+            problems.append(f"actor {actor!r} has no {config.split!r} frames in {shards}: choose another --split")
+            continue
+        shard_res = int(entry.get("resolution") or resolution)
+        location = bundle_location(bundles, actor)
+        try:
+            info = _inspect_bundle(location)
+        except ConsistentAvatarError as exc:
+            problems.append(f"actor {actor!r}: {exc}")
+            continue
+        if info.manifest.actor != actor:
+            problems.append(
+                f"the bundle at {location} is the bundle of actor {info.manifest.actor!r}, not {actor!r}: "
+                f"put {actor!r}'s bundle there (as `cavatar train` exports it: <bundles>/<actor>)"
+            )
+            continue
+        if info.resolution != shard_res:
+            problems.append(
+                f"actor {actor!r}: the bundle renders {info.resolution}² (preset {info.preset!r}) but the "
+                f"shards are {shard_res}²: prepare the shards with `cavatar prepare --res {info.resolution}`, "
+                "or use bundles trained on these shards"
+            )
+            continue
+        if emotion_needed:
+            unknown_labels = sorted(labels - set(info.labels))
+            if unknown_labels:
+                problems.append(
+                    f"actor {actor!r}: the shards label frames {unknown_labels}, which the bundle's emotion "
+                    f"table ({list(info.labels)}) lacks: use shards and bundles of the same emotion labels"
+                )
+                continue
+        rows: dict[str, RowSettings] = {}
+        variants: set[str] = set()
+        shard_keys = ("source_fingerprint", "config_fingerprint", "frames", "train", "test", "resolution")
+        shard_fp = fingerprint_of({k: entry.get(k) for k in shard_keys})
+        try:
+            for row in config.rows:
+                kind, steps, variant = resolve_sampling(row, config, info.manifest)
+                variants.add(variant)
+                switches = row_switches(row)
+                settings = {
+                    "row": row,
+                    **switches,
+                    "sampler": kind,
+                    "steps": steps,
+                    "seed": config.seed,
+                    "dtype": config.torch_dtype_name,
+                    "refine": config.refine,
+                    "refiner": config.refiner,
+                    "bundle": info.fingerprint,
+                    "shards": shard_fp,
+                }
+                rows[row] = RowSettings(row, kind, steps, {k: v for k, v in switches.items() if v}, settings)
+        except ConsistentAvatarError as exc:
+            problems.append(f"actor {actor!r} (bundle {location}): {exc}")
+            continue
+        if config.refine is True and info.manifest.refiner is None and config.refiner is None:
+            problems.append(f"actor {actor!r}: refine is on but its bundle references no refiner: pass --refiner DIR")
+            continue
+        held = [set(e.variants) for e in info.manifest.stages.values()]
+        load = tuple(v for v in ("teacher", "lcm") if v in variants)
+        plans[actor] = ActorPlan(
+            actor=actor,
+            bundle=location,
+            bundle_fingerprint=info.fingerprint,
+            variants=load if all(set(load) <= h for h in held) else None,
+            resolution=shard_res,
+            frames=tuple(frames),
+            splits=splits,
+            file_of=file_of,
+            rows=rows,
+        )
+    if config.refiner is not None and "://" not in config.refiner and not Path(config.refiner).is_dir():
+        problems.append(f"refiner {config.refiner} is not a directory")
+    if problems:
+        raise ConsistentAvatarError(
+            "cannot render:\n  " + "\n  ".join(problems) + "\n(nothing was rendered; fix the above and re-run)"
+        )
+    return manifest, plans
+
+
+def _check_out(out: Path, shards: Path, config: RenderConfig) -> dict[str, Any] | None:
+    previous = read_render_manifest(out)
+    if previous is not None and previous.get("split") != config.split:
+        raise ConsistentAvatarError(
+            f"{out} holds renders of the {previous.get('split')!r} split; render the {config.split!r} split "
+            "into another --out (the layout has one split per output folder)"
+        )
+    if previous is not None and previous.get("shards") != str(shards):
+        log.warning("%s was rendered from shards %s; now %s", out, previous.get("shards"), shards)
+    return previous
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver: the run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RenderReport:
+    """What one run did. ``rendered`` / ``kept``: frames per row per actor rendered by this run /
+    already there; ``failed``: actor → what went wrong (its other frames are kept)."""
+
+    out: Path
+    split: str
+    rows: list[str]
+    actors: list[str]
+    rendered: dict[str, dict[str, int]] = field(default_factory=dict)
+    kept: dict[str, dict[str, int]] = field(default_factory=dict)
+    missing: dict[str, dict[str, int]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    videos: list[Path] = field(default_factory=list)
+    frames: int = 0
+    render_seconds: float = 0.0
+    seconds: float = 0.0
+    manifest: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def table(self) -> str:
+        lines = [("row", "actor", "rendered", "kept", "missing", "status")]
+        for row in self.rows:
+            for actor in self.actors:
+                n = self.rendered.get(row, {}).get(actor, 0)
+                k = self.kept.get(row, {}).get(actor, 0)
+                m = self.missing.get(row, {}).get(actor, 0)
+                status = "FAILED" if m else ("rendered" if n else "up to date")
+                lines.append((row, actor, str(n), str(k), str(m), status))
+        widths = [max(len(r[i]) for r in lines) for i in range(6)]
+        text = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in lines]
+        for actor, msg in self.failed.items():
+            text.append(f"FAILED {actor}: {msg.splitlines()[0][:200]}")
+        fps = self.frames / self.render_seconds if self.render_seconds > 0 else 0.0
+        text.append(
+            f"{self.frames} frames rendered in {self.seconds:.1f} s ({fps:.2f} frames/s in the render stage) → {self.out}"
+        )
+        return "\n".join(text)
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """One render at a time per OUT (an advisory lock, released even when the process is killed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ConsistentAvatarError(
+                f"another `cavatar render` ({holder}) is writing into {out}: wait for it, or choose another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _pool(config: RenderConfig, units: int) -> Any:
+    """The ActorPoolStrategy: the configured size, else what the cluster's CPUs or GPUs fit."""
+    import ray
+
+    resources = ray.cluster_resources()
+    if config.use_gpu:
+        gpus = float(resources.get("GPU", 0.0))
+        if gpus < config.num_gpus_per_actor:
+            raise ConsistentAvatarError(
+                f"each pool actor asks for {config.num_gpus_per_actor} GPU(s) but the Ray cluster has {gpus:g}: "
+                "lower --gpus-per-actor, add GPU nodes, or render on CPU (--gpus-per-actor 0)"
+            )
+        fit = int(gpus // config.num_gpus_per_actor)
+    else:
+        fit = int(float(resources.get("CPU", 1.0)) // config.num_cpus_per_actor)
+    if isinstance(config.concurrency, tuple):
+        lo, hi = config.concurrency
+        hi = max(1, min(hi, units))
+        return ray.data.ActorPoolStrategy(min_size=min(lo, hi), max_size=hi)
+    size = config.concurrency or max(1, fit)
+    return ray.data.ActorPoolStrategy(size=max(1, min(size, units)))
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "platform": _platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import ray
+
+        info["ray"] = ray.__version__
+        if ray.is_initialized():
+            info["cluster"] = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
+    except ImportError:  # pragma: no cover - ray is a dependency
+        pass
+    return info
+
+
+def _row_summary(config: RenderConfig, per_actor: Mapping[str, Mapping[str, Any]], row: str) -> dict[str, Any]:
+    samplers = {v["sampler"] for v in per_actor.values()}
+    steps = {v["steps"] for v in per_actor.values()}
+    return {
+        **row_switches(row),
+        "sampler": samplers.pop() if len(samplers) == 1 else None,
+        "steps": steps.pop() if len(steps) == 1 else None,
+        "seed": config.seed,
+        "seed_rule": "seed + frame",
+        "dtype": config.torch_dtype_name,
+        "refine": config.refine,
+        "refiner": config.refiner,
+        "per_actor": dict(sorted(per_actor.items())),
+    }
+
+
+def _fail(report: RenderReport, actor: str, message: str) -> None:
+    report.failed[actor] = f"{report.failed[actor]}; {message}" if actor in report.failed else message
+
+
+def _plan_units(
+    out: Path, plans: Mapping[str, ActorPlan], config: RenderConfig, report: RenderReport
+) -> list[dict[str, Any]]:
+    """Scan what OUT holds (refusing frames of other settings unless ``force``) and cut what is missing
+    into work units: one row, one actor, at most ``batch_size`` frames each, actor-major (so a pool
+    actor keeps using the pipeline it has loaded)."""
+    for stale in remove_stale_staging(out):
+        log.info("removed a leftover of an interrupted run: %s", stale)
+    scans: dict[tuple[str, str], OutputsScan] = {}
+    problems: list[str] = []
+    for actor, plan in plans.items():
+        for row, rs in plan.rows.items():
+            d = actor_dir(out, row, actor)
+            for leftover in remove_stale_staging(d) + remove_stale_staging(d / FRAMES_DIR):
+                log.info("removed a leftover of an interrupted run: %s", leftover)
+            scans[(row, actor)] = scan = scan_outputs(out, row, actor, rs.settings)
+            if scan.stale and not config.force:
+                problems.append(f"{d} holds frames rendered with other settings ({next(iter(scan.stale.values()))})")
+    if problems:
+        raise ConsistentAvatarError(
+            "will not mix frames rendered with different settings:\n  "
+            + "\n  ".join(problems)
+            + "\npass --force to re-render them with these settings, or choose another --out"
+        )
+    units: list[dict[str, Any]] = []
+    for actor, plan in plans.items():
+        for row in plan.rows:
+            done = set() if config.force else scans[(row, actor)].frames
+            report.kept.setdefault(row, {})[actor] = len(done & set(plan.frames))
+            missing = [f for f in plan.frames if f not in done]
+            for i in range(0, len(missing), config.batch_size):
+                units.append({"row": row, "actor": actor, "frames": json.dumps(missing[i : i + config.batch_size])})
+    return units
+
+
+def _run_pool(
+    out: Path, plans: dict[str, ActorPlan], units: list[dict[str, Any]], config: RenderConfig, report: RenderReport
+) -> tuple[dict[tuple[str, str], list[str]], str | None, bool]:
+    """The Ray Data job. Returns the errors per (row, actor), the job's own error if it failed as a
+    whole, and whether it was interrupted; what it rendered is on disk either way."""
+    import ray
+    from tqdm.auto import tqdm
+
+    spec = JobSpec(
+        out=str(out),
+        actors=plans,
+        seed=config.seed,
+        use_gpu=config.use_gpu,
+        dtype=config.torch_dtype_name,
+        num_threads=max(1, int(config.num_cpus_per_actor)),
+        compile=config.compile,
+        refine=config.refine,
+        refiner=config.refiner,
+        cache_size=config.cache_size,
+        verify=config.verify_bundles,
+    )
+    ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+        FrameRenderer,
+        fn_constructor_kwargs={"spec": spec},
+        batch_size=1,
+        compute=_pool(config, len(units)),
+        num_cpus=config.num_cpus_per_actor,
+        num_gpus=config.num_gpus_per_actor or None,
+    )
+    errors: dict[tuple[str, str], list[str]] = defaultdict(list)
+    job_error: str | None = None
+    interrupted = False
+    total = sum(len(json.loads(u["frames"])) for u in units)
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, unit="frame", desc="render", disable=not config.progress)
+    try:
+        for summary in ds.iter_rows():
+            row, actor, n = str(summary["row"]), str(summary["actor"]), int(summary["frames"])
+            per_row = report.rendered.setdefault(row, {})
+            per_row[actor] = per_row.get(actor, 0) + n
+            report.frames += n
+            if summary["error"]:
+                errors[(row, actor)].append(str(summary["error"]))
+            bar.update(n)
+            bar.set_postfix_str(f"{actor} {row}")
+    except KeyboardInterrupt:
+        interrupted = True
+    except Exception as exc:  # the job as a whole failed: keep what was rendered, report
+        job_error = f"the Ray Data job failed: {type(exc).__name__}: {exc}"
+        log.error("%s", job_error)
+    finally:
+        bar.close()
+    report.render_seconds = time.perf_counter() - t0
+    return errors, job_error, interrupted
+
+
+def _merge_and_check(
+    out: Path,
+    plans: Mapping[str, ActorPlan],
+    errors: Mapping[tuple[str, str], list[str]],
+    job_error: str | None,
+    report: RenderReport,
+) -> dict[tuple[str, str], int]:
+    """Merge every (row, actor)'s parts into outputs.parquet; an incomplete one fails its actor with
+    the first error its batches reported. Returns the frames present per (row, actor)."""
+    counts: dict[tuple[str, str], int] = {}
+    for actor, plan in plans.items():
+        for row, rs in plan.rows.items():
+            table = compact_outputs(out, row, actor, rs.settings)
+            counts[(row, actor)] = len(set(table["frame"].to_pylist()) & set(plan.frames))
+            missing = len(plan.frames) - counts[(row, actor)]
+            report.missing.setdefault(row, {})[actor] = missing
+            if missing:
+                why = errors.get((row, actor)) or [job_error or "not rendered (interrupted?)"]
+                more = f" (+{len(why) - 1} more failed batches)" if len(why) > 1 else ""
+                _fail(report, actor, f"row {row}: {missing} of {len(plan.frames)} frames missing: {why[0].strip()}{more}")
+    return counts
+
+
+def _write_videos(out: Path, plans: Mapping[str, ActorPlan], config: RenderConfig, report: RenderReport) -> None:
+    """One Ray task per complete (row, actor) whose frames changed in this run or that has no mp4 yet."""
+    import ray
+
+    t0 = time.perf_counter()
+    task = ray.remote(num_cpus=1, max_retries=1)(_video_task)
+    refs = []
+    for actor, plan in plans.items():
+        for row in plan.rows:
+            if report.missing[row][actor]:
+                continue
+            path = video_path(out, row, actor)
+            if report.rendered.get(row, {}).get(actor, 0) > 0 or config.force or not path.is_file():
+                refs.append((row, actor, task.remote(str(out), row, plan, config.fps)))
+            else:
+                report.videos.append(path)
+    for row, actor, ref in refs:
+        try:
+            report.videos.append(Path(ray.get(ref)))
+        except Exception as exc:  # a video failure is the actor's failure; its frames stay
+            _fail(report, actor, f"row {row}: the mp4 was not written: {getattr(exc, 'cause', None) or exc}")
+    if refs:
+        log.info("wrote %d mp4(s) in %.1f s", len(refs), time.perf_counter() - t0)
+
+
+def render(
+    shards: str | os.PathLike[str],
+    bundles: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    config: RenderConfig | None = None,
+    *,
+    command: str | None = None,
+) -> RenderReport:
+    """Render ``config.rows`` for the actors of ``shards`` (split ``config.split``) with the bundles at
+    ``<bundles>/<actor>`` into ``out``; only what is missing is rendered. Starts a local Ray when none
+    is running (``RAY_ADDRESS`` is honoured). Input problems raise :class:`ConsistentAvatarError`
+    before any Ray work; per-actor failures are in the report (``report.failed``), never raised.
+    ``command``: recorded in the manifest (default: this process's command line)."""
+    config = config or RenderConfig()
+    t_start = time.perf_counter()
+    shards_path = Path(shards).expanduser().absolute()
+    bundles_text = os.fspath(bundles)
+    if "://" not in bundles_text:
+        bundles_text = str(Path(bundles_text).expanduser().absolute())
+    out_path = Path(out).expanduser().absolute()
+
+    _, plans = _check_inputs(shards_path, os.fspath(bundles), config)
+    previous = _check_out(out_path, shards_path, config)
+    report = RenderReport(out=out_path, split=config.split, rows=list(config.rows), actors=list(plans))
+
+    with _locked(out_path):
+        units = _plan_units(out_path, plans, config, report)
+        log.info(
+            "render: %d actor(s) × %d row(s) of the %s split: %d frame(s) to render in %d batch(es), %d kept",
+            len(plans), len(config.rows), config.split, sum(len(json.loads(u["frames"])) for u in units),
+            len(units), sum(sum(v.values()) for v in report.kept.values()),
+        )
+        needs_video = config.video and any(
+            not video_path(out_path, row, a).is_file() for a, p in plans.items() for row in p.rows
+        )
+        if units or needs_video:
+            import ray
+
+            if not ray.is_initialized():  # honours RAY_ADDRESS; a local Ray otherwise
+                ray.init(configure_logging=False, include_dashboard=False)
+        errors: dict[tuple[str, str], list[str]] = {}
+        job_error: str | None = None
+        interrupted = False
+        if units:
+            errors, job_error, interrupted = _run_pool(out_path, plans, units, config, report)
+        counts = _merge_and_check(out_path, plans, errors, job_error, report)
+        if config.video and not interrupted and (units or needs_video):
+            _write_videos(out_path, plans, config, report)
+        elif config.video:
+            report.videos = [video_path(out_path, r, a) for a, p in plans.items() for r in p.rows
+                             if video_path(out_path, r, a).is_file()]
+        manifest = _merged_manifest(previous, config, plans, counts, report, shards_path, bundles_text, command)
+        report.manifest = write_render_manifest(out_path, manifest)
+        if interrupted:
+            raise ConsistentAvatarError(
+                f"render interrupted: {sum(counts.values())} frames are complete in {out_path} and kept; "
+                "re-run the same command to render the rest"
+            )
+    report.seconds = time.perf_counter() - t_start
+    log.info("render outputs: %s (manifest %s)", out_path, report.manifest)
+    return report
+
+
+def _merged_manifest(
+    previous: Mapping[str, Any] | None,
+    config: RenderConfig,
+    plans: Mapping[str, ActorPlan],
+    counts: Mapping[tuple[str, str], int],
+    report: RenderReport,
+    shards: Path,
+    bundles: str,
+    command: str | None,
+) -> dict[str, Any]:
+    """This run's manifest merged over the previous one: OUT keeps describing everything it holds."""
+    prev = dict(previous or {})
+    actors: dict[str, Any] = {k: dict(v) for k, v in (prev.get("actors") or {}).items()}
+    for actor, plan in plans.items():
+        entry = actors.get(actor, {})
+        rendered = dict(entry.get("rendered") or {})
+        failed = dict(entry.get("failed") or {})
+        for row in plan.rows:
+            rendered[row] = counts[(row, actor)]
+            missing = report.missing.get(row, {}).get(actor, 0)
+            if missing:
+                failed[row] = f"{missing} frames missing"
+            else:
+                failed.pop(row, None)
+        actors[actor] = {"frames": len(plan.frames), "resolution": plan.resolution, "rendered": rendered, "failed": failed}
+    settings = dict(prev.get("settings") or {})
+    for row in config.rows:
+        old = settings.get(row)
+        per_actor = dict(old["per_actor"]) if isinstance(old, dict) and isinstance(old.get("per_actor"), dict) else {}
+        for a, p in plans.items():
+            per_actor[a] = {"sampler": p.rows[row].sampler, "steps": p.rows[row].steps, "bundle": p.bundle_fingerprint}
+        settings[row] = _row_summary(config, per_actor, row)
+    rows = [r for r in ROWS if r in set(prev.get("rows") or []) | set(config.rows)]
+    return {
+        "schema_version": RENDER_SCHEMA_VERSION,
+        "shards": str(shards),
+        "bundles": bundles,
+        "split": config.split,
+        "rows": rows,
+        "actors": dict(sorted(actors.items())),
+        "settings": settings,
+        "command": command if command is not None else shlex.join(sys.argv),
+        "machine": _machine(),
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }

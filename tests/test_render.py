@@ -1,0 +1,452 @@
+"""`cavatar render` over real shards (`cavatar synth` + `prepare`, 64²) with tiny random bundles.
+
+Two Ray Data runs share the module (pool-actor start-up dominates on 2 cores): ``first`` renders every
+ablation row of three actors, one of whose bundles is corrupt; the resume test re-runs it through the
+CLI after deleting outputs and repairing that bundle. Everything else (checks, atomicity, determinism)
+runs in-process, without Ray work.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import get_args
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from bundle_factory import make_tiny_bundle
+
+from consistent_avatar.bundle import EmotionTable
+from consistent_avatar.cli import main
+from consistent_avatar.data.shards import decode_images, read_actor_table
+from consistent_avatar.errors import ConsistentAvatarError
+from consistent_avatar.io import decode_png
+from consistent_avatar.models.sampling import SchedulerKind
+from consistent_avatar.pipeline import ConsistentAvatarPipeline
+from consistent_avatar.render import ROWS, RenderConfig, read_outputs, read_render_manifest, render
+from consistent_avatar.render import config as render_config
+from consistent_avatar.render import job as render_job
+from consistent_avatar.render import outputs as render_outputs
+from consistent_avatar.render.cli import command_line, config_from_args
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+ACTORS = ["actor_000", "actor_001", "actor_002"]
+GOOD = ACTORS[:2]
+BROKEN = "actor_002"
+TEST_FRAMES = [20, 21, 22, 23]  # 24 frames: the last min(350, 24 // 5) = 4 are the test split
+# one pool actor: on 2 busy cores a second one mostly costs its start-up (torch import, bundle loads);
+# three actors through a cache of two also exercises the LRU.
+FIRST = {"rows": list(ROWS), "teacher_steps": 2, "batch_size": 3, "concurrency": 1, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three synthetic actors, 24 frames at 64² (the tiny preset's resolution), prepared by the CLI."""
+    src = tmp_path_factory.mktemp("actors")
+    out = tmp_path_factory.mktemp("shards")
+    assert main(["synth", "--out", str(src), "--actors", "3", "--frames", "24", "--res", "64"]) == 0
+    assert main(["prepare", "--sources", str(src), "--out", str(out), "--workers", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle per actor; actor_002's stage-3 weights are damaged after export (its manifest, preset
+    and emotions stay intact, so only loading it in a pool actor finds out)."""
+    root = tmp_path_factory.mktemp("bundles")
+    for i, actor in enumerate(ACTORS):
+        make_tiny_bundle(root, actor, seed=i)
+    weights = root / BROKEN / "fcsd" / "teacher.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(64)
+    weights.write_bytes(bytes(data))
+    return root
+
+
+@pytest.fixture(scope="module")
+def first(shards: Path, bundles: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, render_job.RenderReport]:
+    out = tmp_path_factory.mktemp("render") / "OUT"
+    report = render(shards, bundles, out, RenderConfig(**FIRST), command="test first run")
+    return out, report
+
+
+def _pngs(out: Path, row: str, actor: str) -> list[str]:
+    d = out / row / actor / "frames"
+    return sorted(p.name for p in d.glob("*.png")) if d.is_dir() else []
+
+
+def _test_rows(shards: Path, actor: str):
+    return read_actor_table(shards, actor, split="test")
+
+
+# ---------------------------------------------------------------------------------------------
+# The first run: layout, parquet, manifest, rows, mp4, a failing actor
+# ---------------------------------------------------------------------------------------------
+
+
+def test_layout_parquet_and_manifest(first, shards: Path, bundles: Path) -> None:
+    out, report = first
+    names = [f"{f:06d}.png" for f in TEST_FRAMES]
+    for row in ROWS:
+        for actor in GOOD:
+            assert _pngs(out, row, actor) == names, (row, actor)
+            table = pq.read_table(out / row / actor / "outputs.parquet")
+            assert table.schema.equals(render_outputs.outputs_schema(), check_metadata=False)
+            assert sorted(p.name for p in (out / row / actor).glob("outputs*.parquet")) == ["outputs.parquet"]
+            assert table["frame"].to_pylist() == TEST_FRAMES
+            assert set(table["actor"].to_pylist()) == {actor} and set(table["row"].to_pylist()) == {row}
+            assert set(table["split"].to_pylist()) == {"test"}
+            assert table["png"].to_pylist() == [f"{row}/{actor}/frames/{n}" for n in names]
+            assert all((out / p).is_file() for p in table["png"].to_pylist())
+            assert table["seed"].to_pylist() == TEST_FRAMES  # seed 0 + frame
+            assert table["batch_size"].to_pylist() == [3, 3, 3, 1]  # batches of ≤ 3, one actor each
+            timings = [json.loads(t) for t in table["timings"].to_pylist()]
+            assert all(t["total"] > 0 and "stage3" in t for t in timings)
+            assert ("stage2" in timings[0]) != (row == "baseline")
+            seconds = table["seconds"].to_pylist()
+            assert seconds[0] == pytest.approx(timings[0]["total"] / 3) and seconds[3] == pytest.approx(timings[3]["total"])
+            expected = ("ddim", 2) if row == "without_lcm" else ("lcm", 4)
+            assert set(zip(table["sampler"].to_pylist(), table["steps"].to_pylist())) == {expected}
+            img = decode_png((out / table["png"][0].as_py()).read_bytes())
+            assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+            assert (out / row / actor / f"{actor}.mp4").is_file()
+    assert not [p for p in out.rglob(".*") if p.name != render_job.LOCK_FILE]  # no temporary leftovers
+
+    m = read_render_manifest(out)
+    assert m is not None and m["schema_version"] == 1 and m["split"] == "test"
+    assert m["shards"] == str(shards) and m["bundles"] == str(bundles)
+    assert m["rows"] == list(ROWS) and m["command"] == "test first run" and m["created_at"]
+    assert {"hostname", "python", "torch", "ray"} <= set(m["machine"])
+    for actor in GOOD:
+        assert m["actors"][actor]["frames"] == 4 and m["actors"][actor]["resolution"] == 64
+        assert m["actors"][actor]["rendered"] == {row: 4 for row in ROWS} and not m["actors"][actor]["failed"]
+    assert m["settings"]["full"]["sampler"] == "lcm" and m["settings"]["full"]["steps"] == 4
+    assert m["settings"]["without_lcm"]["sampler"] == "ddim" and m["settings"]["without_lcm"]["steps"] == 2
+    for row, switches in ROWS.items():
+        assert {k: m["settings"][row][k] for k in render_config.SWITCHES} == render_config.row_switches(row)
+    assert sum(sum(v.values()) for v in report.rendered.values()) == report.frames == 2 * 5 * 4
+
+
+def test_a_failing_actor_does_not_affect_the_others(first) -> None:
+    out, report = first
+    assert not report.ok and list(report.failed) == [BROKEN]
+    assert "corrupt" in report.failed[BROKEN] and "fcsd/teacher.safetensors" in report.failed[BROKEN]
+    for row in ROWS:
+        assert _pngs(out, row, BROKEN) == []
+        assert not (out / row / BROKEN / f"{BROKEN}.mp4").exists()
+        assert report.missing[row] == {"actor_000": 0, "actor_001": 0, BROKEN: 4}
+    m = read_render_manifest(out)
+    assert m["actors"][BROKEN]["rendered"] == {row: 0 for row in ROWS}
+    assert set(m["actors"][BROKEN]["failed"]) == set(ROWS)
+    assert "FAILED actor_002" in report.table()
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> None:
+    """Equal up to float rounding: conv kernels may sum in another order for another batch size, so
+    a rare pixel lands one 8-bit level away."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+
+
+def test_pngs_are_the_pipeline_output_whatever_the_batching(first, shards: Path, bundles: Path) -> None:
+    """The job's PNGs are exactly what the pipeline renders for the same batches (3 + 1 frames, seeds
+    0 + frame), and, up to float rounding, what it renders for any other batching (all 4 at once)."""
+    out, _ = first
+    actor = "actor_001"
+    rows = _test_rows(shards, actor)
+    pipe = ConsistentAvatarPipeline.from_bundle(bundles / actor)
+    x = {
+        "coarse_rgb": torch.from_numpy(decode_images(rows["coarse_rgb"])).permute(0, 3, 1, 2),
+        "coarse_normal": torch.from_numpy(decode_images(rows["coarse_normal"])).permute(0, 3, 1, 2),
+        "pose": torch.tensor(rows["pose"].to_pylist()),
+        "expression": torch.tensor(rows["expression"].to_pylist()),
+        "emotion": rows["emotion"].to_pylist(),
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the pool actors (1 CPU each): CPU kernels sum per thread count
+    try:
+        _compare_with_pipeline(out, actor, pipe, x)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_with_pipeline(out: Path, actor: str, pipe: ConsistentAvatarPipeline, x: dict) -> None:
+    for row in ("full", "baseline"):
+        got = np.stack([decode_png((out / row / actor / "frames" / f"{f:06d}.png").read_bytes()) for f in TEST_FRAMES])
+        same = [
+            pipe(**{k: v[s] for k, v in x.items()}, seed=TEST_FRAMES[s], **ROWS[row]).frames_uint8().numpy()
+            for s in (slice(0, 3), slice(3, 4))
+        ]
+        np.testing.assert_array_equal(got, np.concatenate(same), err_msg=row)
+        _close(got, pipe(**x, seed=TEST_FRAMES, **ROWS[row]).frames_uint8().numpy())
+        other_seeds = pipe(**x, seed=[f + 1 for f in TEST_FRAMES], **ROWS[row]).frames_uint8().numpy()
+        assert not np.array_equal(got, other_seeds)
+
+
+def test_every_ablation_row_changes_the_frames(first) -> None:
+    out, _ = first
+    for actor in GOOD:
+        full = [decode_png(p.read_bytes()) for p in sorted((out / "full" / actor / "frames").glob("*.png"))]
+        for row in ROWS:
+            if row == "full":
+                continue
+            other = [decode_png(p.read_bytes()) for p in sorted((out / row / actor / "frames").glob("*.png"))]
+            assert all(not np.array_equal(a, b) for a, b in zip(full, other)), (row, actor)
+    # the two actors' bundles differ (seeds 0 and 1), so do their frames
+    assert (out / "full/actor_000/frames/000020.png").read_bytes() != (out / "full/actor_001/frames/000020.png").read_bytes()
+
+
+def test_mp4_is_coarse_ours_real_side_by_side(first, shards: Path) -> None:
+    import decord
+
+    out, _ = first
+    actor = "actor_000"
+    vr = decord.VideoReader(str(out / "full" / actor / f"{actor}.mp4"))
+    assert len(vr) == 4 and vr.get_avg_fps() == pytest.approx(25.0)
+    video = vr.get_batch(list(range(4))).asnumpy()
+    assert video.shape == (4, 64, 3 * 64, 3)
+    rows = _test_rows(shards, actor)
+    coarse, real = decode_images(rows["coarse_rgb"]), decode_images(rows["real_rgb"])
+    ours = np.stack([decode_png(p.read_bytes()) for p in sorted((out / "full" / actor / "frames").glob("*.png"))])
+    thirds = {"coarse": (coarse, video[:, :, :64]), "ours": (ours, video[:, :, 64:128]), "real": (real, video[:, :, 128:])}
+    errors = {k: np.abs(a.astype(float) - b.astype(float)).mean() for k, (a, b) in thirds.items()}
+    wrong = np.abs(real.astype(float) - video[:, :, :64].astype(float)).mean()
+    # mp4v is lossy (random-weight frames are noise, the hardest case): each third is close to its
+    # source, and clearly closer than to another source
+    assert all(e < 25 for e in errors.values()), errors
+    assert errors["coarse"] < wrong / 2, (errors, wrong)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume (second Ray run, through the CLI)
+# ---------------------------------------------------------------------------------------------
+
+
+def _drop_row(path: Path, frame: int) -> None:
+    """Rewrite a parquet file without ``frame``'s row (keeping the settings metadata)."""
+    table = pq.read_table(path)
+    keep = pa.compute.not_equal(table["frame"], frame)
+    pq.write_table(table.filter(keep), path)
+
+
+def test_resume_renders_only_what_is_missing(first, shards: Path, bundles: Path, tmp_path: Path) -> None:
+    src, _ = first
+    out = tmp_path / "OUT"
+    shutil.copytree(src, out)
+    fixed = tmp_path / "bundles"
+    shutil.copytree(bundles, fixed)
+    shutil.rmtree(fixed / BROKEN)
+    make_tiny_bundle(fixed, BROKEN, seed=2)
+
+    deleted_png = out / "full/actor_000/frames/000021.png"
+    original = deleted_png.read_bytes()
+    deleted_png.unlink()
+    _drop_row(out / "baseline/actor_001/outputs.parquet", 22)
+    (out / "full/actor_000/frames/.000022.png.tmp-deadbeef").write_bytes(b"half a png")  # a killed write
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+
+    # the bundles moved (a copy): same content, so nothing rendered before is stale
+    argv = ["render", "--shards", str(shards), "--bundles", str(fixed), "--out", str(out), "--rows", "all",
+            "--teacher-steps", "2", "--batch-size", "3", "--concurrency", "1", "--no-progress"]
+    assert main(argv) == 0
+
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    changed = sorted(str(p.relative_to(out)) for p in after if before.get(p) != after[p])
+    expected = ["baseline/actor_001/frames/000022.png", "full/actor_000/frames/000021.png"]
+    expected += [f"{row}/{BROKEN}/frames/{f:06d}.png" for row in ROWS for f in TEST_FRAMES]
+    assert changed == sorted(expected)
+    _close(decode_png(deleted_png.read_bytes()), decode_png(original))  # same seed + frame: the same frame
+    assert not list(out.rglob(".*.tmp-*"))
+    for row in ROWS:
+        for actor in ACTORS:
+            assert read_outputs(out, row, actor)["frame"].to_pylist() == TEST_FRAMES
+            assert (out / row / actor / f"{actor}.mp4").is_file()
+    m = read_render_manifest(out)
+    assert all(not m["actors"][a]["failed"] for a in ACTORS)
+    assert m["command"].startswith("cavatar render --shards")
+
+    # the same OUT with other settings is refused, naming what differs; nothing is touched
+    with pytest.raises(ConsistentAvatarError, match=r"(?s)other settings \(steps 4 → 2\).*--force"):
+        render(shards, fixed, out, RenderConfig(rows=["full"], steps=2, progress=False))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == after
+    with pytest.raises(ConsistentAvatarError, match=r"holds renders of the 'test' split"):
+        render(shards, fixed, out, RenderConfig(split="train", progress=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: refused before any Ray work
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_ray_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray.data
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise AssertionError("Ray Data work started although the inputs are bad")
+
+    monkeypatch.setattr(ray.data, "from_items", refuse)
+
+
+def _edited_shards(shards: Path, tmp_path: Path, resolution: int) -> Path:
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["resolution"] = resolution
+    for entry in m["actors"].values():
+        entry["resolution"] = resolution
+    (copy / "manifest.json").write_text(json.dumps(m))
+    return copy
+
+
+def test_bad_input_is_refused_before_any_ray_work(no_ray_work, shards: Path, bundles: Path, tmp_path: Path) -> None:
+    out = tmp_path / "OUT"
+    cfg = RenderConfig(actors=GOOD, progress=False)
+
+    with pytest.raises(ConsistentAvatarError, match=r"holds no manifest\.json.*cavatar prepare"):
+        render(tmp_path / "nowhere", bundles, out, cfg)
+    with pytest.raises(ConsistentAvatarError, match=r"\['nobody'\] are not in .*prepared actors: actor_000, actor_001, actor_002"):
+        render(shards, bundles, out, RenderConfig(actors=["actor_000", "nobody"]))
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copytree(bundles / "actor_000", partial / "actor_000")
+    with pytest.raises(ConsistentAvatarError, match=rf"actor 'actor_001': bundle {re.escape(str(partial / 'actor_001'))} does not exist"):
+        render(shards, partial, out, cfg)
+
+    shutil.copytree(bundles / "actor_000", partial / "actor_001")  # another actor's bundle
+    with pytest.raises(ConsistentAvatarError, match=r"is the bundle of actor 'actor_000', not 'actor_001'"):
+        render(shards, partial, out, cfg)
+
+    with pytest.raises(ConsistentAvatarError, match=r"renders 64² \(preset 'tiny'\) but the shards are 32²: .*--res 64"):
+        render(_edited_shards(shards, tmp_path, 32), bundles, out, cfg)
+
+    odd = tmp_path / "odd"
+    make_tiny_bundle(odd, "actor_000", emotions=EmotionTable(("calm", "stormy"), torch.randn(2, 768)))
+    with pytest.raises(ConsistentAvatarError, match=r"the shards label frames \[.*\], which the bundle's emotion table \(\['calm', 'stormy'\]\) lacks"):
+        render(shards, odd, out, RenderConfig(actors=["actor_000"]))
+
+    teachers = tmp_path / "teachers"
+    make_tiny_bundle(teachers, "actor_000", variants=("teacher",))
+    with pytest.raises(ConsistentAvatarError, match=r"needs the LCM student weights of fcsd, tsdm.*--sampler ddim"):
+        render(shards, teachers, out, RenderConfig(actors=["actor_000"], sampler="lcm"))
+
+    with pytest.raises(ConsistentAvatarError, match=r"rows\.0: Input should be 'full'"):
+        RenderConfig.build(rows=["fulll"])
+    assert not out.exists()  # nothing was written anywhere
+
+
+def test_many_problems_are_reported_together(no_ray_work, shards: Path, bundles: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConsistentAvatarError) as info:
+        render(shards, empty, tmp_path / "OUT", RenderConfig())
+    text = str(info.value)
+    assert all(f"actor '{a}'" in text for a in ACTORS) and "nothing was rendered" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomicity of one batch (in-process, the pool actor's code without Ray)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_killed_batch_leaves_nothing_half_written(shards: Path, bundles: Path, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "OUT"
+    config = RenderConfig(actors=["actor_000"], progress=False)
+    _, plans = render_job._check_inputs(shards, str(bundles), config)
+    spec = render_job.JobSpec(
+        out=str(out), actors=plans, seed=0, use_gpu=False, dtype="float32", num_threads=1,
+        compile=False, refine=None, refiner=None, cache_size=1, verify=True,
+    )
+    renderer = render_job.FrameRenderer(spec)
+    unit = {"row": np.array(["full"]), "actor": np.array(["actor_000"]), "frames": np.array([json.dumps(TEST_FRAMES)])}
+    settings = plans["actor_000"].rows["full"].settings
+    d = out / "full" / "actor_000"
+
+    def killed(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt  # stands in for SIGKILL between the PNGs and the parquet part
+
+    with monkeypatch.context() as m:  # killed after the PNGs, before the parquet part
+        m.setattr(render_outputs.pq, "write_table", killed)
+        with pytest.raises(KeyboardInterrupt):
+            renderer(unit)
+    assert len(list((d / "frames").glob("*.png"))) == 4 and not list(d.glob("*.parquet"))
+    assert render_outputs.scan_outputs(out, "full", "actor_000", settings).frames == set()  # PNGs alone do not count
+
+    calls = []
+    real_replace = render_outputs.os.replace
+
+    def dies_on_second_png(src: str, dst: str) -> None:
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    shutil.rmtree(d)
+    import consistent_avatar.io as cio
+
+    with monkeypatch.context() as m:
+        m.setattr(cio.os, "replace", dies_on_second_png)
+        with pytest.raises(KeyboardInterrupt):
+            renderer(unit)
+    assert [p.name for p in (d / "frames").glob("*.png")] == ["000020.png"]  # the other one is hidden
+    assert [p.name for p in (d / "frames").iterdir() if p.name.startswith(".")]
+
+    result = renderer(unit)  # a fresh attempt completes the unit
+    assert result["error"].tolist() == [""] and result["frames"].tolist() == [4]
+    assert render_outputs.scan_outputs(out, "full", "actor_000", settings).frames == set(TEST_FRAMES)
+    other = dict(settings, steps=2)
+    scan = render_outputs.scan_outputs(out, "full", "actor_000", other)
+    assert scan.frames == set() and "steps 4 → 2" in next(iter(scan.stale.values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI and config
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_options_make_the_config_and_the_command_round_trips() -> None:
+    from consistent_avatar.cli import build_parser
+
+    parser = build_parser()
+    argv = ["render", "--shards", "S", "--bundles", "s3://bucket/bundles", "--out", "O", "--split", "all",
+            "--actors", "a,b", "--rows", "full,without_lcm", "--steps", "2", "--teacher-steps", "10",
+            "--seed", "7", "--batch-size", "16", "--concurrency", "1:4", "--gpus-per-actor", "0.5",
+            "--dtype", "bfloat16", "--no-refiner", "--fps", "30", "--force"]
+    config = config_from_args(parser.parse_args(argv))
+    assert config.split == "all" and config.actors == ["a", "b"] and config.rows == ["full", "without_lcm"]
+    assert (config.steps, config.teacher_steps, config.seed, config.batch_size) == (2, 10, 7, 16)
+    assert config.concurrency == (1, 4) and config.num_gpus_per_actor == 0.5 and config.use_gpu
+    assert config.refine is False and config.fps == 30 and config.force and config.torch_dtype_name == "bfloat16"
+    line = command_line("S", "s3://bucket/bundles", "O", config)
+    again = config_from_args(parser.parse_args(line.split()[1:]))
+    assert again == config
+    assert config_from_args(parser.parse_args(["render", "--shards", "S", "--bundles", "B", "--out", "O", "--rows", "all"])).rows == list(ROWS)
+    assert RenderConfig().torch_dtype_name == "float32"
+    assert set(get_args(render_config.SchedulerKind)) == set(get_args(SchedulerKind))  # spelled out, kept in step
+
+
+def test_cli_exit_code_is_1_when_an_actor_failed(monkeypatch, capsys, tmp_path: Path) -> None:
+    import consistent_avatar.render.job as job_module
+
+    def fake_render(shards, bundles, out, config, command=None):
+        report = job_module.RenderReport(out=Path(out), split="test", rows=["full"], actors=["a", "b"])
+        report.rendered = {"full": {"a": 4, "b": 0}}
+        report.missing = {"full": {"a": 0, "b": 4}}
+        report.failed = {"b": "row full: 4 of 4 frames missing: bundle is corrupt"}
+        return report
+
+    monkeypatch.setattr(job_module, "render", fake_render)
+    code = main(["render", "--shards", "S", "--bundles", "B", "--out", str(tmp_path), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "b: row full: 4 of 4 frames missing: bundle is corrupt" in captured.err
+    assert "FAILED" in captured.out
+    assert main(["render", "--shards", "S", "--bundles", "B", "--out", "O", "--rows", "nope"]) == 1
+    assert "invalid render settings: rows.0" in capsys.readouterr().err

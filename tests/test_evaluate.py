@@ -154,6 +154,7 @@ def test_metrics_json_values(evaluated: tuple[Path, dict], shards: Path) -> None
         assert len(e["curves"]["flow_rendered"]) == 11 and e["curves"]["flow_rendered"] == e["curves"]["flow_real"]
         assert max(e["curves"]["flow_real"]) > 0  # the synthetic head moves
     assert full["mean"]["l2"] == 0.0 and full["mean"]["psnr"] == "inf" and full["mean"]["flicker"] == 0.0
+    assert full["frame_mean"]["psnr"] == "inf" and full["actors"][ODD]["stats"]["psnr"]["n_inf"] == 12
 
     base = m["rows"]["baseline"]
     for entry in [base["mean"], *(base["actors"][a]["metrics"] for a in ACTORS)]:
@@ -256,6 +257,8 @@ def test_cli_subset_and_face_estimator(run: Path, shards: Path, tmp_path: Path) 
     assert full["expression_error"] == pytest.approx(ref["expression_error"])
     assert 0.0 <= full["emotion_accuracy"] <= 1.0 and full["emotion_accuracy"] == pytest.approx(ref["emotion_accuracy"])
     assert 0.0 <= ref["tracked_emotion_accuracy"] <= 1.0
+    scores = m["rows"]["full"]["actors"]["actor_000"]["emotion"]
+    assert scores["accuracy"] == pytest.approx(full["emotion_accuracy"]) and scores["n_frames"] == 12
     pf = pq.read_table(out / "per_frame.parquet").to_pylist()
     assert len(pf) == 2 * 12 and all(r["emotion_pred"] and r["emotion_true"] for r in pf)
     assert (out / "report.html").is_file()

@@ -221,28 +221,15 @@ def _frames_text(frames: Sequence[int], limit: int = 8) -> str:
     return shown + (f", … (+{len(frames) - limit} more)" if len(frames) > limit else "")
 
 
-def _mean(values: np.ndarray) -> tuple[float | None, dict[str, int]]:
-    """Mean of finite values, with counts of what was left out. All +inf (identical frames for
-    PSNR) → +inf; nothing usable → None.
+def _frame_mean(values: np.ndarray) -> tuple[float | None, dict[str, Any]]:
+    """:func:`.aggregate.summarize` of one metric's per-frame values: (mean or None when no value is
+    usable, the statistics). Identical frames' +inf PSNR is left out of the mean and counted; a
+    video whose every frame is identical has mean +inf."""
+    from .aggregate import summarize
 
-    (Adapter: the metrics library's :mod:`.aggregate` was not in the tree when this was written;
-    see :func:`_aggregate_mean`.)"""
-    v = np.asarray(values, np.float64)
-    finite = np.isfinite(v)
-    n_inf = int(np.isposinf(v).sum() + np.isneginf(v).sum())
-    n_nan = int(np.isnan(v).sum())
-    counts = {"n": int(v.size), "n_inf": n_inf, "n_nan": n_nan}
-    if finite.any():
-        return float(v[finite].mean()), counts
-    if n_inf and n_inf == int(np.isposinf(v).sum()):
-        return math.inf, counts
-    if n_inf and n_inf == int(np.isneginf(v).sum()):
-        return -math.inf, counts
-    return None, counts
-
-
-def _aggregate_mean(values: np.ndarray) -> tuple[float | None, dict[str, int]]:
-    return _mean(values)
+    stats = summarize(values)
+    mean = float(stats["mean"])
+    return (None if math.isnan(mean) else mean), stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,8 +659,10 @@ class _EmotionTruth:
     the run's emotion database labels it (paper eq. 7, as `cavatar prepare` labelled the shards),
     and the label is compared with the synthetic generator's true emotion of that frame.
 
-    (Adapter: written against :mod:`consistent_avatar.emotion` directly; the metrics library's
-    ``evaluation/emotion.py`` was not in the tree when this was written.)"""
+    The truth and the scoring come from :mod:`.emotion` (``true_emotions``, ``emotion_accuracy``).
+    ADAPTER: :mod:`.emotion` scores the labels stored in the shards; labelling *rendered* frames
+    (estimator → :class:`consistent_avatar.emotion.EmotionLabeller` with the shards' database,
+    metric and smoothing) is done here."""
 
     def __init__(self, plan: _Plan, face: Any, face_reason: str | None) -> None:
         self.plan = plan
@@ -699,17 +688,19 @@ class _EmotionTruth:
             source = None
         if not source:
             return None, f"actor {actor!r}'s shard manifest names no source folder to find synthetic ground truth in"
+        from .emotion import true_emotions
+
         truth_file = Path(source) / SYNTHETIC_TRUTH_FILE
         if not truth_file.is_file():
             return None, (f"no synthetic ground truth for actor {actor!r} ({truth_file} not found): emotion accuracy "
                           "needs the true labels of a synthetic actor")
         try:
-            labels = read_json(truth_file).get("emotions")
-        except (OSError, ValueError) as exc:
+            labels = true_emotions(source)
+        except (ConsistentAvatarError, OSError, ValueError) as exc:
             return None, f"{truth_file} cannot be read ({exc})"
-        if not labels or max(frames) >= len(labels):
-            return None, f"{truth_file} holds {len(labels or [])} labels, fewer than actor {actor!r}'s frames"
-        return [str(labels[f]) for f in frames], None
+        if max(frames) >= len(labels):
+            return None, f"{truth_file} holds {len(labels)} labels, fewer than actor {actor!r}'s frames"
+        return [labels[f] for f in frames], None
 
     def labeller(self) -> tuple[Any, str | None]:
         if self._labeller is not None or self._labeller_reason is not None:
@@ -744,9 +735,12 @@ class _EmotionTruth:
         labeller, why = self.labeller()
         if labeller is None:
             return None, why
+        from .emotion import emotion_accuracy
+
         ids, _ = labeller.label(expressions, smoothing_window=int(self.settings.get("smoothing_window") or 1))
         pred = [EMOTIONS[int(i)] for i in np.asarray(ids)]
-        return {"pred": pred, "true": truth, "correct": np.asarray([p == t for p, t in zip(pred, truth)])}, None
+        return {"pred": pred, "true": truth, "correct": np.asarray([p == t for p, t in zip(pred, truth)]),
+                "scores": emotion_accuracy(pred, truth)}, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -833,17 +827,19 @@ def _measure(
         unavailable["emotion_accuracy"] = why or "no emotion ground truth"
         per["emotion_accuracy"] = nan
         labels: dict[str, list[Any]] = {"emotion_pred": [None] * n, "emotion_true": [None] * n}
+        emotion_scores = None
     else:
         per["emotion_accuracy"] = emo["correct"].astype(np.float64)
         labels = {"emotion_pred": emo["pred"], "emotion_true": emo["true"]}
+        emotion_scores = emo["scores"]
 
     means: dict[str, Any] = {}
-    counts: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
     for k in FRAME_METRICS:
         if k in unavailable:
             means[k] = None
             continue
-        means[k], counts[k] = _aggregate_mean(per[k])
+        means[k], stats[k] = _frame_mean(per[k])
         if means[k] is None:
             unavailable[k] = f"no frame of actor {unit.actor!r} gave a value (empty foreground mask?)"
     for k in ACTOR_METRICS:
@@ -855,8 +851,8 @@ def _measure(
         else:
             means[k] = None
     curves["psnr"] = per["psnr"]
-    return {"per_frame": per, "labels": labels, "metrics": means, "counts": counts, "unavailable": unavailable,
-            "curves": curves}
+    return {"per_frame": per, "labels": labels, "metrics": means, "stats": stats, "unavailable": unavailable,
+            "curves": curves, "emotion": emotion_scores}
 
 
 def _strip(coarse: np.ndarray, ours: np.ndarray, real: np.ndarray, height: int) -> np.ndarray:
@@ -896,31 +892,43 @@ def _write_parquet(path: Path, table: pa.Table) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _row_summary(row: str, actors: dict[str, Any], per_frame: dict[str, list[np.ndarray]]) -> dict[str, Any]:
-    """Overall per-row means: frame metrics pooled over every frame of every actor (Table 1 style),
-    actor metrics (temporal) averaged over actors; unavailable where no actor has a value."""
+def _row_summary(actors: dict[str, Any], per_frame: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Overall per-row figures with :func:`.aggregate.aggregate_actors` (the rule every table of the
+    platform uses): ``mean`` = the mean of the per-actor means (each actor weighs the same, as in the
+    paper's per-dataset tables), ``frame_mean`` = the mean over every frame of those actors beside it
+    (frame metrics only); an actor for which a metric is unavailable is left out and named."""
+    from .aggregate import aggregate_actors
+    from .image import Unavailable
+
+    per_actor: dict[str, dict[str, Any]] = {}
+    for actor, e in actors.items():
+        d: dict[str, Any] = {}
+        for k in FRAME_METRICS:
+            d[k] = (per_frame[actor][k] if e["metrics"].get(k) is not None
+                    else Unavailable(k, e["unavailable"].get(k, "not computed")))
+        for k in ACTOR_METRICS:  # one value per actor: its mean is the value
+            v = e["metrics"].get(k)
+            d[k] = np.asarray([v], np.float64) if v is not None else Unavailable(k, e["unavailable"].get(k, "not computed"))
+        per_actor[actor] = d
+    overall = aggregate_actors(per_actor)["overall"]
     mean: dict[str, Any] = {}
+    frame_mean: dict[str, Any] = {}
     unavailable: dict[str, str] = {}
-    for k in FRAME_METRICS:
-        have = [a for a, e in actors.items() if e["metrics"].get(k) is not None]
-        if not have:
+    for k in (*FRAME_METRICS, *ACTOR_METRICS):
+        o = overall.get(k)
+        if o is None or isinstance(o, Unavailable):
             reasons = sorted({e["unavailable"].get(k, "not computed") for e in actors.values()})
-            unavailable[k] = "; ".join(reasons)
-            mean[k] = None
+            mean[k], unavailable[k] = None, "; ".join(reasons)
             continue
-        mean[k], _ = _aggregate_mean(np.concatenate([per_frame[a][k] for a in have]))
-        missing = [a for a in actors if a not in have]
-        if missing:
-            unavailable[k] = f"mean over {len(have)} of {len(actors)} actors; n/a for " + ", ".join(
-                f"{a} ({actors[a]['unavailable'].get(k, 'not computed')})" for a in missing)
-    for k in ACTOR_METRICS:
-        vals = [e["metrics"][k] for e in actors.values() if e["metrics"].get(k) is not None]
-        if not vals:
-            unavailable[k] = "; ".join(sorted({e["unavailable"].get(k, "not computed") for e in actors.values()}))
-            mean[k] = None
-        else:
-            mean[k] = float(np.mean(vals))
-    return {"mean": mean, "unavailable": unavailable}
+        mean[k] = None if math.isnan(o["mean"]) else o["mean"]
+        if k in FRAME_METRICS:
+            frame_mean[k] = None if math.isnan(o["frame_mean"]) else o["frame_mean"]
+        if o["unavailable_actors"]:
+            unavailable[k] = f"mean over {o['n_actors']} of {len(actors)} actors; n/a for " + ", ".join(
+                f"{a} ({actors[a]['unavailable'].get(k, 'not computed')})" for a in o["unavailable_actors"])
+        if mean[k] is None:
+            unavailable[k] = "no actor gave a value"
+    return {"mean": mean, "frame_mean": frame_mean, "unavailable": unavailable}
 
 
 FLOAT_COLUMNS = ("l2", "psnr", "ssim", "lpips", "seconds_per_frame", "flow_rendered", "flow_real", "flow_abs_diff",
@@ -961,7 +969,8 @@ class _Evaluator:
                 "first_frame": unit.frames[0],
                 "last_frame": unit.frames[-1],
                 "metrics": m["metrics"],
-                "counts": m["counts"],
+                "stats": m["stats"],
+                "emotion": m["emotion"],
                 "unavailable": m["unavailable"],
                 "curves": m["curves"],
             },
@@ -1077,7 +1086,7 @@ def evaluate(
             if r.get("strip") is not None:
                 strips[actor] = r["strip"]
         for row in plan.rows:
-            rows_out[row].update(_row_summary(row, rows_out[row]["actors"], row_frames[row]))
+            rows_out[row].update(_row_summary(rows_out[row]["actors"], row_frames[row]))
             rows_out[row]["frames"] = sum(e["frames"] for e in rows_out[row]["actors"].values())
             rows_out[row]["settings"] = (plan.manifest.get("settings") or {}).get(row) if row != COARSE else {
                 "source": "coarse_rgb column of the shards (stage 1)"}
@@ -1160,9 +1169,16 @@ def _reference(comp: _Components, actor: str, data: _ActorData) -> dict[str, Any
     expressions) against the synthetic truth."""
     out: dict[str, Any] = {"pose_error": None, "expression_error": None, "emotion_accuracy": None,
                            "tracked_emotion_accuracy": None}
-    truth, _ = comp.emotion.truth(actor, data.frames)
-    if truth is not None:
-        out["tracked_emotion_accuracy"] = float(np.mean([a == b for a, b in zip(data.emotion, truth)]))
+    from .emotion import shard_emotion_accuracy
+    from .image import Unavailable
+
+    plan = comp.emotion.plan
+    try:
+        tracked = shard_emotion_accuracy(plan.shards, actor, split=None if plan.split in ("all", "") else plan.split)
+    except ConsistentAvatarError:
+        tracked = None
+    if tracked is not None and not isinstance(tracked, Unavailable):
+        out["tracked_emotion_accuracy"] = float(tracked["accuracy"])
     if comp.face is None:
         return out
     from .face import expression_error, pose_error
@@ -1172,8 +1188,8 @@ def _reference(comp: _Components, actor: str, data: _ActorData) -> dict[str, Any
         expressions, poses = comp.face(data.real)
     except MetricUnavailableError:
         return out
-    out["pose_error"] = _aggregate_mean(pose_error(poses, data.pose, comp.face.pose_dims))[0]
-    out["expression_error"] = _aggregate_mean(expression_error(expressions, data.expression, comp.face.expression_dims))[0]
+    out["pose_error"] = _frame_mean(pose_error(poses, data.pose, comp.face.pose_dims))[0]
+    out["expression_error"] = _frame_mean(expression_error(expressions, data.expression, comp.face.expression_dims))[0]
     emo, _ = comp.emotion.accuracy(actor, data.frames, expressions)
     if emo is not None:
         out["emotion_accuracy"] = float(emo["correct"].mean())

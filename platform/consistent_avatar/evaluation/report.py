@@ -437,8 +437,9 @@ def render_html(metrics: dict[str, Any], base_dir: str | os.PathLike[str] | None
     ]
     means = {r: {"metrics": rows[r].get("mean", {}), "unavailable": rows[r].get("unavailable", {})} for r in rows}
     body.append("<h2>Table 1 — image quality and speed</h2>")
-    body.append("<p>Means over every evaluated frame of every actor (as the paper's Table 1). "
-                "L2 is the mean squared error on [0, 1] intensities.</p>")
+    body.append("<p>Per row: the mean of the per-actor means (each actor weighs the same, as in the paper's "
+                "per-dataset tables; frame-weighted means are in metrics.json). L2 is the mean squared error on "
+                "[0, 1] intensities; PSNR of frames identical to the real ones (+∞) is left out of means.</p>")
     body.append(metrics_table(means, TABLE1, notes))
     body.append("<h2>Table 2 — pose, expression and temporal consistency</h2>")
     body.append("<p>PE / EE: distance between the face-parameter estimator's pose / expression on the frame and the "

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 
@@ -85,6 +88,13 @@ def test_split_and_values_match_the_source(small_actors: Path, tmp_path: Path) -
     coarse = torch.from_numpy(fb.coarse_rgb).permute(0, 3, 1, 2)
     expected = tsd_to_uint8(temporally_sensitive_detail(coarse, TSDConfig())).permute(0, 2, 3, 1).numpy()[0]
     np.testing.assert_array_equal(decode_images(row["tsd_coarse"])[0], expected)
+    # A column selection without the sort/filter keys still sorts and filters, and returns only what was asked.
+    test_only = read_actor_table(tmp_path / "S", "actor_001", split="test", columns=["pose"])
+    assert test_only.column_names == ["pose"] and test_only.num_rows == 5
+    assert test_only["pose"].to_pylist() == table.filter(pa.compute.equal(table["split"], "test"))["pose"].to_pylist()
+    # The manifest names the emotion database by an absolute path (usable from any directory).
+    manifest = json.loads((tmp_path / "S" / "manifest.json").read_text())
+    assert Path(manifest["emotion"]["database"]).is_absolute()
 
 
 def test_rerun_skips_up_to_date_actors_and_redoes_changed_ones(small_actors: Path, tmp_path: Path) -> None:

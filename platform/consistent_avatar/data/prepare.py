@@ -470,7 +470,7 @@ def prepare(sources: list[str], out: str | Path, config: PrepareConfig | None = 
     _write_manifest(
         out,
         config,
-        {"database": str(db_path), "database_vectors": int(len(db.labels)), "text_embedding": text_source,
+        {"database": str(db_path.resolve()), "database_vectors": int(len(db.labels)), "text_embedding": text_source,
          "embedding_dim": int(embeddings.shape[1]), "smoothing_window": config.smoothing_window, "metric": config.emotion_metric},
         report.failed,
     )

@@ -104,11 +104,21 @@ def actor_files(shards: str | Path, actor: str) -> list[Path]:
 
 
 def read_actor_table(shards: str | Path, actor: str, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
-    """One actor's frames as a pyarrow table, sorted by frame, optionally one split only."""
-    table = pq.read_table(actor_files(shards, actor), columns=columns)
+    """One actor's frames as a pyarrow table, sorted by frame, optionally one split only.
+
+    ``columns`` selects what is returned; ``frame`` and ``split`` are read as well when the sort or
+    the filter needs them, and dropped again if they were not asked for.
+    """
+    read = None
+    if columns is not None:
+        read = list(dict.fromkeys([*columns, "frame", *(["split"] if split is not None else [])]))
+    table = pq.read_table(actor_files(shards, actor), columns=read)
     if split is not None:
         table = table.filter(pa.compute.equal(table["split"], split))
-    return table.sort_by("frame")
+    table = table.sort_by("frame")
+    if columns is not None:
+        table = table.select(list(columns))
+    return table
 
 
 def read_emotion_table(shards: str | Path) -> tuple[list[str], np.ndarray]:

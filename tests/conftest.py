@@ -17,7 +17,9 @@ def ray_local() -> Iterator[None]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(
+        from consistent_avatar.cluster import ensure_ray
+
+        ensure_ray(
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,

@@ -28,7 +28,7 @@ from consistent_avatar.training import TrainConfig, train
 from consistent_avatar.training.actor import ActorOutcome
 from consistent_avatar.training.cli import config_from_args, register_cli
 from consistent_avatar.training.data import StageCollate, inspect_actor, read_rows, stage_columns
-from consistent_avatar.training.many import TrainReport, fits
+from consistent_avatar.training.many import TrainReport, fits, trainer_demand
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -146,6 +146,13 @@ def test_admission_follows_the_scarcest_resource() -> None:
     assert not fits({"CPU": 32.0, "GPU": 8.0}, trainer, cluster)  # GPUs run out before CPUs
     assert not fits({}, {"CPU": 4.0, "GPU": 1.0}, {"CPU": 16.0})  # (queued until a GPU node joins)
     assert fits({"CPU": 1.5}, {"CPU": 0.5}, {"CPU": 2.0}) and not fits({"CPU": 1.75}, {"CPU": 0.5}, {"CPU": 2.0})
+    # A trainer's demand counts its Ray Data read tasks: two 1-CPU workers cannot share 2 CPUs.
+    one_cpu = TrainConfig().with_overrides(['scaling.resources_per_worker={"CPU": 1.0}', "scaling.use_gpu=false"])
+    demand = trainer_demand(one_cpu, "a")
+    assert demand == {"CPU": 1.0 + one_cpu.data.read_cpus}
+    assert not fits(demand, demand, {"CPU": 2.0})
+    half = one_cpu.with_overrides(['scaling.resources_per_worker={"CPU": 0.5}'])
+    assert fits(trainer_demand(half, "a"), trainer_demand(half, "b"), {"CPU": 2.0})
     report = TrainReport(
         out=Path("/runs"),
         outcomes=[

@@ -78,15 +78,40 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_train_config() -> str:
+    """The shipped short training schedule for the demo (tiny preset, from scratch, a few minutes)."""
+    from importlib import resources
+
+    return str(resources.files("consistent_avatar") / "presets" / "training" / "demo.json")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Everything that exists, end to end, on embedded defaults (local Ray, synthetic actors, CPU)."""
+    """The whole method end to end on embedded defaults (local Ray, synthetic actors, CPU).
+
+    synth → prepare → face regressor (for pose/expression error) → train (tiny preset, the short
+    schedule in presets/training/demo.json) → render every ablation row of the test split →
+    evaluate → report.html. Every step is the same sub-command a user runs; a re-run resumes
+    (prepare, train and render skip what is complete).
+    """
     out = Path(args.out)
+    actors = [f"actor_{i:03d}" for i in range(args.actors)]
     steps: list[tuple[str, list[str]]] = [
-        ("synth", ["synth", "--out", str(out / "actors"), "--actors", "3", "--frames", "120", "--res", "128"]),
-        ("prepare", ["prepare", "--sources", str(out / "actors"), "--out", str(out / "shards")]),
+        ("synth", ["synth", "--out", str(out / "actors"), "--actors", str(args.actors),
+                   "--frames", str(args.frames), "--res", "64"]),
+        ("prepare", ["prepare", "--sources", str(out / "actors"), "--out", str(out / "shards"),
+                     "--emotion-metric", "euclidean"]),
+        ("face-regressor", ["face-regressor", "--out", str(out / "face_regressor"), "--actors", "12",
+                            "--frames-per-actor", "60", "--holdout-actors", "2", "--epochs", "8"]),
+        ("train", ["train", "--shards", str(out / "shards"), "--actors", ",".join(actors), "--preset", "tiny",
+                   "--config", _demo_train_config(), "--out", str(out / "train"), "--cpus-per-worker", "0.5"]),
+        ("render", ["render", "--shards", str(out / "shards"), "--bundles", str(out / "train" / "bundles"),
+                    "--out", str(out / "render"), "--rows", "all"]),
+        ("evaluate", ["evaluate", "--run", str(out / "render"), "--face-estimator", str(out / "face_regressor")]),
     ]
+    if (out / "face_regressor" / "config.json").is_file():
+        steps = [s for s in steps if s[0] != "face-regressor"]
     for name, argv in steps:
-        print(f"== demo step: cavatar {' '.join(argv)}", flush=True)
+        print(f"\n== demo step: cavatar {' '.join(argv)}", flush=True)
         code = main(argv)
         if code != 0:
             print(f"demo stopped: step {name!r} exited with {code}", file=sys.stderr)
@@ -97,6 +122,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"  {out / 'shards'}: parquet shards of {len(manifest['actors'])} actors at {manifest['resolution']}², manifest.json")
     for name, a in manifest["actors"].items():
         print(f"    {name}: {a['train']} train + {a['test']} test frames")
+    print(f"  {out / 'face_regressor'}: the synthetic face-parameter regressor (pose / expression error)")
+    print(f"  {out / 'train'}: training runs; bundles under {out / 'train' / 'bundles'}")
+    print(f"  {out / 'render'}: rendered test frames per ablation row (PNG, outputs.parquet, side-by-side mp4)")
+    print(f"  {out / 'render' / 'eval'}: metrics.json, per_frame.parquet and report.html (open it in a browser)")
     return 0
 
 
@@ -142,17 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     r.set_defaults(func=_cmd_prepare)
 
-    d = sub.add_parser("demo", help="run every stage that exists on embedded defaults")
+    d = sub.add_parser("demo", help="the whole method end to end on embedded defaults (local Ray, synthetic actors, CPU)")
     d.add_argument("--out", default="runs/demo")
+    d.add_argument("--actors", type=int, default=2, help="synthetic actors")
+    d.add_argument("--frames", type=int, default=100, help="frames per actor (the last fifth is the test split)")
     d.set_defaults(func=_cmd_demo)
 
     from .training.cli import register_cli as register_train
     from .evaluation.cli import register_cli as register_evaluate
     from .render.cli import register_cli as register_render
+    from .evaluation.face import register_cli as register_face_regressor
 
     register_train(sub)
     register_evaluate(sub)
     register_render(sub)
+    register_face_regressor(sub)
     return p
 
 

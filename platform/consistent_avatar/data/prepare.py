@@ -404,8 +404,9 @@ def prepare(sources: list[str], out: str | Path, config: PrepareConfig | None = 
 
     # 4: the Ray Data job
     if plans:
-        if not ray.is_initialized():  # honours RAY_ADDRESS; a local Ray otherwise
-            ray.init(configure_logging=False, include_dashboard=False)
+        from ..cluster import ensure_ray
+
+        ensure_ray(include_dashboard=False)  # honours RAY_ADDRESS; a local Ray otherwise
         items = [
             {"actor": name, "start": s, "stop": min(s + config.frames_per_task, p.source.num_frames)}
             for name, p in plans.items()

@@ -775,13 +775,7 @@ def load_face_estimator(spec: dict[str, Any], device: str = "cpu") -> FaceEstima
 # --------------------------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m consistent_avatar.evaluation.face",
-        description="Train the synthetic face-parameter regressor used for pose/expression error.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="render fresh synthetic actors, fit, report held-out accuracy, save")
+def _add_train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--out", required=True, help="folder to write (model.safetensors + config.json)")
     t.add_argument("--actors", type=int, default=32, help="training actors (fresh identities)")
     t.add_argument("--frames-per-actor", type=int, default=75)
@@ -794,8 +788,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=TRAIN_SEED)
     t.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def _run_train(args: argparse.Namespace) -> int:
     try:
         reg, report = SyntheticFaceRegressor.train_synthetic(
             actors=args.actors, frames_per_actor=args.frames_per_actor, holdout_actors=args.holdout_actors,
@@ -805,11 +800,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = reg.save(args.out)
     except ConsistentAvatarError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     print(report.table())
     tr = reg.config.training
     print(f"rendered in {tr['render_seconds']} s, fitted in {tr['fit_seconds']} s; saved to {path}")
     return 0
+
+
+def register_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``cavatar face-regressor`` (train the synthetic estimator for pose / expression error)."""
+    t = subparsers.add_parser(
+        "face-regressor",
+        help="train the synthetic face-parameter regressor used by `cavatar evaluate --face-estimator DIR`",
+    )
+    _add_train_arguments(t)
+    t.set_defaults(func=_run_train)
+    return t
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m consistent_avatar.evaluation.face",
+        description="Train the synthetic face-parameter regressor used for pose/expression error.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_arguments(sub.add_parser("train", help="render fresh synthetic actors, fit, report held-out accuracy, save"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return _run_train(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

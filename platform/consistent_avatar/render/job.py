@@ -864,10 +864,9 @@ def render(
             not video_path(out_path, row, a).is_file() for a, p in plans.items() for row in p.rows
         )
         if units or needs_video:
-            import ray
+            from ..cluster import ensure_ray
 
-            if not ray.is_initialized():  # honours RAY_ADDRESS; a local Ray otherwise
-                ray.init(configure_logging=False, include_dashboard=False)
+            ensure_ray(include_dashboard=False)  # honours RAY_ADDRESS; a local Ray otherwise
         errors: dict[tuple[str, str], list[str]] = {}
         job_error: str | None = None
         interrupted = False

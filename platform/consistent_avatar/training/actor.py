@@ -53,7 +53,11 @@ SUMMARY_FILE = "summary.json"
 WEIGHTS_FILE = "model.safetensors"
 VAE_MODEL_DIR = "model"
 EXPORT_FILE = "export.json"
-MIN_EPOCH_BATCHES = 64
+#: An epoch re-plans the streaming read (file listing, parquet footers: new Ray tasks, seconds of
+#: CPU), so a short actor's files are listed several times per epoch until an epoch holds this many
+#: micro-batches per worker (or the whole stage); MAX_PASSES bounds the listing for huge runs.
+MIN_EPOCH_BATCHES = 1024
+MAX_PASSES = 64
 BUNDLES_DIR = "bundles"
 
 
@@ -278,7 +282,7 @@ class ActorTrainer:
         micro, accum = cfg.split(self.workers)
         per_pass = max(1, rows // self.workers // micro)
         needed = min(cfg.iterations * accum, MIN_EPOCH_BATCHES)
-        return max(1, math.ceil(needed / per_pass))
+        return min(MAX_PASSES, max(1, math.ceil(needed / per_pass)))
 
     def _export_stage(self, stage: StageName, state: dict[str, torch.Tensor], stage_dir: Path) -> Path:
         if stage == "vae":

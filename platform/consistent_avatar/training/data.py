@@ -232,7 +232,11 @@ def train_dataset(
     cols = list(dict.fromkeys([*columns, "split"]))
     ds = ray.data.read_parquet(list(files) * max(1, passes), columns=cols, num_cpus=num_cpus)
     ds = ds.filter(expr=col("split") == "train", num_cpus=num_cpus)
-    return ds.randomize_block_order()
+    ds = ds.randomize_block_order()
+    # The streaming executor of a training run lives as long as the stage; its per-operator bars
+    # would interleave with `cavatar train`'s own progress board, which already shows steps/s.
+    ds.context.enable_progress_bars = False
+    return ds
 
 
 def read_rows(files: list[str] | tuple[str, ...], columns: list[str], count: int) -> dict[str, np.ndarray]:

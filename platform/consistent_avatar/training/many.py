@@ -73,9 +73,17 @@ class TrainReport:
 
 
 def trainer_demand(config: TrainConfig, actor: str) -> dict[str, float]:
-    """Resources one actor's trainer reserves (workers × per-worker resources)."""
+    """Resources one actor's trainer needs: workers × per-worker resources, plus the CPUs of the
+    Ray Data read tasks that stream its shards to the workers (``data.read_cpus`` per worker).
+
+    The read tasks count because they are scheduled beside the workers: admitting trainers whose
+    workers alone fill the cluster leaves the reads no CPU, and every trainer then waits for data
+    forever (seen on 2 CPUs with two 1-CPU workers).
+    """
     workers, _, per_worker = scaling_for(config, actor)
-    return {k: v * workers for k, v in per_worker.items() if v > 0}
+    demand = {k: v * workers for k, v in per_worker.items() if v > 0}
+    demand["CPU"] = demand.get("CPU", 0.0) + config.data.read_cpus * workers
+    return demand
 
 
 def fits(in_use: dict[str, float], demand: dict[str, float], capacity: dict[str, float]) -> bool:
@@ -204,8 +212,9 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     if force:
         _remove_runs(out, names, config)
-    if not ray.is_initialized():  # honours RAY_ADDRESS; else a local Ray (with its state API when installed)
-        ray.init(configure_logging=False)
+    from ..cluster import ensure_ray
+
+    ensure_ray()  # honours RAY_ADDRESS; else a local Ray (with its state API when installed)
     report = train_many(shards, names, config, out, progress=progress)
     from ..io import atomic_write_json
 

@@ -408,6 +408,13 @@ def test_bundle_refiner_reference_is_loaded_and_applied(
     assert refined.settings["refiner"] and not plain.settings["refiner"] and "refiner" in refined.timings
     assert refined.frames.shape == plain.frames.shape and not torch.equal(refined.frames, plain.frames)
     assert torch.equal(p(**x, num_steps=STEPS).frames, refined.frames)
+    # Per-frame seeds: a refined frame does not depend on the batch it is rendered in.
+    b = x["coarse_rgb"].shape[0]
+    seeds = [100 + i for i in range(b)]
+    whole = p(**x, num_steps=STEPS, seed=seeds).frames
+    last = {k: v[-1:] for k, v in x.items()}
+    alone = p(**last, num_steps=STEPS, seed=seeds[-1:]).frames
+    torch.testing.assert_close(alone[0], whole[-1], atol=2e-3, rtol=0)
     no_refiner = ConsistentAvatarPipeline.from_bundle(bundle, refiner=False)
     assert no_refiner.refiner is None and torch.equal(no_refiner(**x, num_steps=STEPS).frames, plain.frames)
     assert ConsistentAvatarPipeline.from_bundle(bundle, refiner=True).refiner is not None

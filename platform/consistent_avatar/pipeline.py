@@ -240,11 +240,22 @@ def _generators(
     raise ConsistentAvatarError(f"seed must be an integer or a list of one integer per frame, got {seed!r}")
 
 
-def _refiner_seed(seed: int | Sequence[int] | None, gens: torch.Generator | list[torch.Generator]) -> int:
-    if isinstance(seed, int):
+def _refiner_seed(
+    seed: int | Sequence[int] | None,
+    generator: object,
+    gens: torch.Generator | list[torch.Generator],
+) -> int | list[int]:
+    """The refiner's seed(s): per-frame when the frames' noise is per-frame (a list of seeds or of
+    generators), so that a refined frame does not depend on the batch it was rendered in."""
+
+    def draw(g: torch.Generator) -> int:
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=g.device))
+
+    if generator is None and isinstance(seed, int):
         return seed
-    g = gens if isinstance(gens, torch.Generator) else gens[0]
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=g.device))
+    if generator is None and seed is not None and not isinstance(seed, int):
+        return [int(v) for v in seed]
+    return draw(gens) if isinstance(gens, torch.Generator) else [draw(g) for g in gens]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -644,7 +655,7 @@ class ConsistentAvatarPipeline:
         if use_refiner:
             assert self.refiner is not None
             with self._timed(timings, "refiner"):
-                frames = self.refiner.refine(frames, seed=_refiner_seed(seed, gens), value_range="signed")
+                frames = self.refiner.refine(frames, seed=_refiner_seed(seed, generator, gens), value_range="signed")
         out_frames = (frames.float() + 1.0) * 0.5
         self._sync()
         timings["total"] = time.perf_counter() - start

@@ -17,6 +17,7 @@ refiner's VAE, noised to ``strength`` of the schedule and denoised for the remai
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -188,7 +189,7 @@ class Refiner:
         self,
         images: torch.Tensor,
         *,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         value_range: ValueRange = "signed",
         strength: float | None = None,
     ) -> torch.Tensor:
@@ -196,7 +197,8 @@ class Refiner:
 
         ``value_range``: "signed" for [-1, 1] (what :func:`.components.vae_decode` returns, the
         platform's convention) or "unit" for [0, 1]. ``seed`` fixes the VAE posterior sample and
-        the img2img noise, so a call is reproducible. ``strength`` overrides the configured one.
+        the img2img noise, so a call is reproducible; one seed per frame makes each frame's result
+        independent of the batch it is refined in. ``strength`` overrides the configured one.
         When ``int(num_steps · strength)`` is 0 there is no denoising step to run and the frames are
         returned unchanged (not even a VAE round trip).
         """
@@ -209,7 +211,14 @@ class Refiner:
         unit = ((images.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
         unit = unit.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
         embeds = {k: v.repeat(batch, *([1] * (v.ndim - 1))) for k, v in self._embeds.items()}
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        generator: torch.Generator | list[torch.Generator]
+        if isinstance(seed, int):
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        else:
+            seeds = [int(v) for v in seed]
+            if len(seeds) != batch:
+                raise ConsistentAvatarError(f"refiner: {len(seeds)} seeds for a batch of {batch} frames")
+            generator = [torch.Generator(device="cpu").manual_seed(v) for v in seeds]
         out = pipe(
             image=unit,
             strength=s,

@@ -624,7 +624,10 @@ def _read_remote_bytes(fs: Any, path: str) -> bytes | None:
 
 
 def _fetch(fs: Any, path: str, uri: str, cache_dir: Path | None) -> Path:
-    """Copy a bundle from a non-local filesystem into the cache (atomically), or reuse the cached copy."""
+    """Copy a bundle from a non-local filesystem into the cache (atomically), or reuse the cached copy.
+
+    Each version of a bundle gets its own cache folder and earlier versions are left in place (a
+    process may still be reading them); delete the cache folder to reclaim the space."""
     from pyarrow import fs as pafs
 
     manifest = _read_remote_bytes(fs, f"{path.rstrip('/')}/{MANIFEST_FILE}")
@@ -634,7 +637,11 @@ def _fetch(fs: Any, path: str, uri: str, cache_dir: Path | None) -> Path:
         )
     cache = (cache_dir or default_cache_dir()).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(f"{fs.type_name}:{path}".encode()).hexdigest()[:16]
+    # The cache folder is named by the source *and* its manifest (which lists every file's hash), so
+    # a cached copy is never replaced while another process (a Ray Data pool actor on the same node)
+    # may be reading it: a changed bundle gets a new folder, and an identical one downloaded twice
+    # concurrently is published once.
+    key = hashlib.sha256(f"{fs.type_name}:{path}".encode() + b"\0" + manifest).hexdigest()[:16]
     final = cache / f"{Path(path.rstrip('/')).name or 'bundle'}-{key}"
     cached = final / MANIFEST_FILE
     if cached.is_file() and cached.read_bytes() == manifest:
@@ -650,6 +657,9 @@ def _fetch(fs: Any, path: str, uri: str, cache_dir: Path | None) -> Path:
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
+    if cached.is_file() and cached.read_bytes() == manifest:  # another process published it meanwhile
+        shutil.rmtree(staged, ignore_errors=True)
+        return final
     publish_dir(staged, final)
     log.info("bundle %s downloaded to %s", uri, final)
     return final

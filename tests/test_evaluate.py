@@ -362,3 +362,33 @@ def test_error_row_never_rendered_for_an_actor(small_run: Path) -> None:
     err = _fails(small_run, "was not rendered for actor 'actor_000'")
     assert "--rows/--actors" in str(err)
     assert evaluate(small_run, None, EvaluateConfig(rows=["coarse"], lpips=False, progress=False)).metrics["strips"] == {}
+
+
+def test_image_metrics_in_chunks_give_the_whole_video_s_numbers(
+    run: Path, evaluated: tuple[Path, dict], no_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-frame image metrics run a few frames at a time (bounded memory on long 512² videos);
+    chunk boundaries inside a video change nothing."""
+    from consistent_avatar.evaluation import job
+
+    out, m = evaluated
+    monkeypatch.setattr(job, "IMAGE_METRIC_CHUNK", 5)  # 12 test frames: chunks of 5, 5, 2
+    result = evaluate(run, tmp_path / "EVAL", EvaluateConfig(torch_home=str(no_weights), progress=False))
+    assert pq.read_table(result.per_frame_path).equals(pq.read_table(out / "per_frame.parquet"))
+    assert result.metrics["rows"] == m["rows"]
+
+
+def test_strips_never_show_frames_without_a_psnr(tmp_path: Path) -> None:
+    """A frame whose PSNR is NaN (empty foreground mask) is neither a worst nor a best frame."""
+    from consistent_avatar.evaluation.job import _ActorData, _Unit, _write_strips
+
+    n = 6
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+    data = _ActorData(frames=list(range(n)), split=["test"] * n, real=real, coarse=real, mask=np.zeros((n, 16, 16), np.uint8),
+                      expression=np.zeros((n, 100), np.float32), pose=np.zeros((n, 6), np.float32), emotion=["neutral"] * n)
+    psnr = np.array([30.0, np.nan, 20.0, math.inf, np.nan, 25.0])
+    info = _write_strips(tmp_path, 0, "a", "full", _Unit("full", "a", list(range(n))), real, data, psnr,
+                         EvaluateConfig(strip_frames=2))
+    assert [s["frame"] for s in info["worst"]] == [2, 5]
+    assert [s["frame"] for s in info["best"]] == [3, 0]

@@ -144,3 +144,35 @@ def test_raft_loading_path_with_random_weights(tmp_path, monkeypatch) -> None:
     assert flow.shape == (2, 36, 44, 2) and np.isfinite(flow).all()
     loaded = raft.load().state_dict()
     torch.testing.assert_close(loaded["feature_encoder.convnormrelu.0.weight"], state["feature_encoder.convnormrelu.0.weight"])
+
+
+def test_long_uint8_videos_are_measured_without_float64_copies_of_the_whole_video() -> None:
+    """Flicker, the uint8 view the flow estimators take and the flow curve work pair by pair: the
+    memory they allocate does not grow with the video (a 350-frame 512² video is 275 MB as uint8
+    but 2.2 GB per float64 copy)."""
+    import tracemalloc
+
+    from consistent_avatar.evaluation.temporal import _frames_u8
+
+    rng = np.random.default_rng(0)
+    n = 80
+    a = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
+    flow = rng.standard_normal((n - 1, 96, 96, 2)).astype(np.float32)
+    video = a.nbytes
+    for fn in (lambda: flicker(a, b), lambda: flicker(a, b, _interior(n, 96)), lambda: _frames_u8(a),
+               lambda: flow_magnitude_curve(flow, _interior(n, 96))):
+        tracemalloc.start()
+        fn()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 2 * video, f"{peak} bytes allocated for a {video}-byte video (a float64 copy is 8×)"
+    # and the values are the whole-video formulas'
+    d = (np.diff(a.astype(np.int64), axis=0) ** 2).sum(-1) - (np.diff(b.astype(np.int64), axis=0) ** 2).sum(-1)
+    np.testing.assert_allclose(flicker(a, b), np.maximum(d, 0).reshape(n - 1, -1).mean(1) / (3 * 255.0**2), rtol=1e-12)
+    m = _interior(n, 96)
+    pm = m[:-1] | m[1:]
+    mag = np.sqrt((flow.astype(np.float64) ** 2).sum(-1))
+    np.testing.assert_allclose(flow_magnitude_curve(flow, m), (mag * pm).reshape(n - 1, -1).sum(1) / pm.reshape(n - 1, -1).sum(1),
+                               rtol=1e-12)
+    assert _frames_u8(a) is a or np.array_equal(_frames_u8(a), a)

@@ -74,6 +74,8 @@ METRICS: dict[str, dict[str, str]] = {
     "emotion_accuracy": {"label": "emotion accuracy", "better": "higher", "unit": "fraction of frames", "scope": "frame"},
 }
 FRAME_METRICS = tuple(k for k, v in METRICS.items() if v["scope"] == "frame")
+# frames per call of the per-frame image metrics (their float64 working copies stay ~100 MB at 512²)
+IMAGE_METRIC_CHUNK = 16
 ACTOR_METRICS = tuple(k for k, v in METRICS.items() if v["scope"] == "actor")
 
 
@@ -763,16 +765,25 @@ def _measure(
     unavailable: dict[str, str] = {}
     curves: dict[str, Any] = {"frame": list(unit.frames)}
 
-    per["l2"] = l2(images, data.real, mask)
-    per["psnr"] = psnr(images, data.real, mask)
-    per["ssim"] = ssim(images, data.real, mask)
+    # per-frame image metrics, IMAGE_METRIC_CHUNK frames at a time: the metrics work on float64
+    # copies (8× the uint8 frames), which for a whole 350-frame 512² video would be GBs per array
+    chunks: dict[str, list[np.ndarray]] = {"l2": [], "psnr": [], "ssim": [], "lpips": []}
+    for s in range(0, n, IMAGE_METRIC_CHUNK):
+        sl = slice(s, s + IMAGE_METRIC_CHUNK)
+        im, re, mk = images[sl], data.real[sl], (None if mask is None else mask[sl])
+        chunks["l2"].append(l2(im, re, mk))
+        chunks["psnr"].append(psnr(im, re, mk))
+        chunks["ssim"].append(ssim(im, re, mk))
+        if comp.lpips is not None:
+            res = comp.lpips.compute(im, re, mk)
+            if _reason(res) is not None:
+                comp.lpips_reason, comp.lpips = _reason(res), None
+            else:
+                chunks["lpips"].append(np.asarray(res, np.float64))
+    for k in ("l2", "psnr", "ssim"):
+        per[k] = np.concatenate(chunks[k]) if chunks[k] else np.zeros(0)
     if comp.lpips is not None:
-        res = comp.lpips.compute(images, data.real, mask)
-        if _reason(res) is not None:
-            unavailable["lpips"], comp.lpips_reason, comp.lpips = _reason(res), _reason(res), None
-            per["lpips"] = nan
-        else:
-            per["lpips"] = np.asarray(res, np.float64)
+        per["lpips"] = np.concatenate(chunks["lpips"]) if chunks["lpips"] else np.zeros(0)
     else:
         unavailable["lpips"], per["lpips"] = comp.lpips_reason or "LPIPS unavailable", nan
     if unit.seconds is not None:
@@ -1199,10 +1210,11 @@ def _reference(comp: _Components, actor: str, data: _ActorData) -> dict[str, Any
 def _write_strips(stage: Path, a_index: int, actor: str, row: str, unit: _Unit, images: np.ndarray, data: _ActorData,
                   psnr: np.ndarray, config: EvaluateConfig) -> dict[str, Any]:
     """Worst and best frames by PSNR as coarse | ours | real PNGs under ``stage``; their entries."""
-    order = np.argsort(np.where(np.isnan(psnr), np.inf, psnr), kind="stable")  # NaN (empty mask) never "worst"
+    # frames without a PSNR (NaN: empty foreground mask) are neither worst nor best
+    order = [int(i) for i in np.argsort(np.where(np.isnan(psnr), np.inf, psnr), kind="stable") if not np.isnan(psnr[i])]
     k = min(config.strip_frames, len(order))
-    worst = [int(i) for i in order[:k]]
-    best = [int(i) for i in order[::-1] if int(i) not in worst][:k] if len(order) > k else []
+    worst = order[:k]
+    best = [i for i in order[::-1] if i not in worst][:k] if len(order) > k else []
     info: dict[str, Any] = {"row": row, "worst": [], "best": []}
     for kind, idx in (("worst", worst), ("best", best)):
         for i in idx:

@@ -38,10 +38,16 @@ RAFT_MIN_SIZE = 128  # RAFT's correlation pyramid needs feature maps >= 16 px (i
 
 
 def _frames_u8(frames: Any, what: str = "frames") -> np.ndarray:
-    a = as_unit_float(frames, what)
+    u8 = _numpy_u8(frames)
+    if u8 is not None:  # uint8 already: no float64 copy (8× the frames' size: GBs for a 512² video)
+        if u8.ndim != 4 or u8.shape[-1] != 3:
+            raise ConsistentAvatarError(f"{what} must be RGB frames shaped (N, H, W, 3), got shape {u8.shape}")
+        a = u8
+    else:
+        a = (as_unit_float(frames, what) * 255.0 + 0.5).astype(np.uint8)
     if len(a) < 2:
         raise ConsistentAvatarError(f"{what}: temporal metrics need at least 2 frames, got {len(a)}")
-    return (a * 255.0 + 0.5).astype(np.uint8)
+    return a
 
 
 def pair_mask(mask: Any | None, n_frames: int, hw: tuple[int, int]) -> np.ndarray | None:
@@ -240,16 +246,18 @@ def flow_magnitude_curve(flow: Any, mask: Any | None = None) -> np.ndarray:
     """Mean flow magnitude ``sqrt(u² + v²)`` (pixels) per adjacent pair: (N-1,) float64 — the Fig. 7
     curve. ``mask``: (N-1, H, W) per pair, or (N, H, W) per frame (then pair i uses the union of
     frames i and i+1); pairs without foreground are NaN."""
-    fl = np.asarray(flow.detach().cpu().numpy() if hasattr(flow, "detach") else flow, np.float64)
+    fl = np.asarray(flow.detach().cpu().numpy() if hasattr(flow, "detach") else flow)
     if fl.ndim != 4 or fl.shape[-1] != 2:
         raise ConsistentAvatarError(f"flow must be shaped (N-1, H, W, 2), got {fl.shape}")
-    mag = np.sqrt((fl ** 2).sum(-1))
-    if mask is None:
-        return mag.reshape(len(mag), -1).mean(1)
     m = pair_mask(mask, len(fl) + 1, fl.shape[1:3])
-    count = m.reshape(len(m), -1).sum(1)
-    with np.errstate(invalid="ignore"):
-        return np.where(count > 0, (mag * m).reshape(len(m), -1).sum(1) / np.maximum(count, 1), np.nan)
+    out = np.empty(len(fl), np.float64)
+    for i in range(len(fl)):  # one pair at a time: a float64 copy of a whole video's flow is GBs
+        mag = np.sqrt((fl[i].astype(np.float64) ** 2).sum(-1))
+        if m is None:
+            out[i] = mag.mean()
+        else:
+            out[i] = mag[m[i]].mean() if m[i].any() else np.nan
+    return out
 
 
 def flicker(rendered: Any, real: Any, mask: Any | None = None) -> np.ndarray:
@@ -270,24 +278,34 @@ def flicker(rendered: Any, real: Any, mask: Any | None = None) -> np.ndarray:
     flow curves (:func:`temporal_consistency`'s ``curve_mad``). The symmetric alternative,
     mean ``|D^rendered − D^real|²``, mixes both failures into one number. Zero when rendered == real.
     """
-    r = as_unit_float(rendered, "rendered frames")
-    t = as_unit_float(real, "real frames")
+    ru, tu = _numpy_u8(rendered), _numpy_u8(real)
+    exact = ru is not None and tu is not None  # exact integer arithmetic: static errors cancel exactly
+    if exact:
+        r, t = ru, tu  # no float64 copies of whole videos (GBs at 512²)
+        for a, what in ((r, "rendered frames"), (t, "real frames")):
+            if a.ndim != 4 or a.shape[-1] != 3:
+                raise ConsistentAvatarError(f"{what} must be RGB frames shaped (N, H, W, 3), got shape {a.shape}")
+    else:
+        r = as_unit_float(rendered, "rendered frames")
+        t = as_unit_float(real, "real frames")
     if r.shape != t.shape:
         raise ConsistentAvatarError(f"rendered and real frames differ in shape: {r.shape} vs {t.shape}")
     if len(r) < 2:
         raise ConsistentAvatarError(f"flicker needs at least 2 frames, got {len(r)}")
-    ru, tu = _numpy_u8(rendered), _numpy_u8(real)
-    if ru is not None and tu is not None:  # exact integer arithmetic: static errors cancel exactly
-        d = (np.diff(ru.astype(np.int32), axis=0) ** 2).sum(-1) - (np.diff(tu.astype(np.int32), axis=0) ** 2).sum(-1)
-        excess = np.maximum(d, 0).astype(np.float64) / (3 * 255.0**2)
-    else:
-        excess = np.maximum(0.0, (np.diff(r, axis=0) ** 2).mean(-1) - (np.diff(t, axis=0) ** 2).mean(-1))
     m = pair_mask(mask, len(r), r.shape[1:3])
-    if m is None:
-        return excess.reshape(len(excess), -1).mean(1)
-    count = m.reshape(len(m), -1).sum(1)
-    with np.errstate(invalid="ignore"):
-        return np.where(count > 0, (excess * m).reshape(len(m), -1).sum(1) / np.maximum(count, 1), np.nan)
+    out = np.empty(len(r) - 1, np.float64)
+    for i in range(len(r) - 1):  # one pair at a time: bounded memory whatever the video's length
+        if exact:
+            dr = (r[i + 1].astype(np.int32) - r[i].astype(np.int32)) ** 2
+            dt = (t[i + 1].astype(np.int32) - t[i].astype(np.int32)) ** 2
+            excess = np.maximum(dr.sum(-1) - dt.sum(-1), 0).astype(np.float64) / (3 * 255.0**2)
+        else:
+            excess = np.maximum(0.0, ((r[i + 1] - r[i]) ** 2).mean(-1) - ((t[i + 1] - t[i]) ** 2).mean(-1))
+        if m is None:
+            out[i] = excess.mean()
+        else:
+            out[i] = excess[m[i]].mean() if m[i].any() else np.nan
+    return out
 
 
 def _numpy_u8(frames: Any) -> np.ndarray | None:

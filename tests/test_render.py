@@ -450,3 +450,14 @@ def test_cli_exit_code_is_1_when_an_actor_failed(monkeypatch, capsys, tmp_path: 
     assert "FAILED" in captured.out
     assert main(["render", "--shards", "S", "--bundles", "B", "--out", "O", "--rows", "nope"]) == 1
     assert "invalid render settings: rows.0" in capsys.readouterr().err
+
+
+def test_gpu_pool_on_a_cluster_without_gpus_now() -> None:
+    """No GPUs in the cluster yet (a KubeRay GPU group scaling from zero): without a pool size the
+    render cannot size its pool and says how to wait; with one, the pool is built and waits."""
+    import ray.data
+
+    with pytest.raises(ConsistentAvatarError, match="--concurrency"):
+        render_job._pool(RenderConfig.build(num_gpus_per_actor=1), units=4)
+    pool = render_job._pool(RenderConfig.build(num_gpus_per_actor=1, concurrency=(1, 2)), units=4)
+    assert isinstance(pool, ray.data.ActorPoolStrategy)

@@ -112,9 +112,9 @@ def read_actor_table(shards: str | Path, actor: str, split: str | None = None, c
     read = None
     if columns is not None:
         read = list(dict.fromkeys([*columns, "frame", *(["split"] if split is not None else [])]))
-    table = pq.read_table(actor_files(shards, actor), columns=read)
-    if split is not None:
-        table = table.filter(pa.compute.equal(table["split"], split))
+    # The split filter is pushed into the parquet read, so other splits' image bytes are never loaded.
+    filters = [("split", "=", split)] if split is not None else None
+    table = pq.read_table(actor_files(shards, actor), columns=read, filters=filters)
     table = table.sort_by("frame")
     if columns is not None:
         table = table.select(list(columns))

@@ -632,9 +632,17 @@ def _pool(config: RenderConfig, units: int) -> Any:
     if config.use_gpu:
         gpus = float(resources.get("GPU", 0.0))
         if gpus < config.num_gpus_per_actor:
-            raise ConsistentAvatarError(
-                f"each pool actor asks for {config.num_gpus_per_actor} GPU(s) but the Ray cluster has {gpus:g}: "
-                "lower --gpus-per-actor, add GPU nodes, or render on CPU (--gpus-per-actor 0)"
+            if config.concurrency is None:
+                raise ConsistentAvatarError(
+                    f"each pool actor asks for {config.num_gpus_per_actor} GPU(s) but the Ray cluster has {gpus:g} "
+                    "now: pass --concurrency N (or MIN:MAX) to wait for an autoscaler to add GPU nodes, lower "
+                    "--gpus-per-actor, or render on CPU (--gpus-per-actor 0)"
+                )
+            # An explicit pool size on a cluster that scales GPU nodes from zero (KubeRay): the pool
+            # actors stay pending until the autoscaler provides the GPUs.
+            log.warning(
+                "the Ray cluster has %g GPU(s) now, the render pool asks for %g per actor: waiting for the "
+                "autoscaler to add GPU nodes", gpus, config.num_gpus_per_actor,
             )
         fit = int(gpus // config.num_gpus_per_actor)
     else:

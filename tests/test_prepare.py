@@ -104,6 +104,9 @@ def test_rerun_skips_up_to_date_actors_and_redoes_changed_ones(small_actors: Pat
     assert first.ok and len(first.prepared) == 3
     files = {p: p.stat().st_mtime_ns for p in (out / "actors").rglob("*.parquet")}
 
+    # An emotion database rewritten with the same content (as `cavatar synth` does) changes nothing.
+    db = src / "emotion_db.parquet"
+    db.write_bytes(db.read_bytes())
     again = prepare([str(src)], out)
     assert again.prepared == [] and sorted(again.skipped) == ["actor_000", "actor_001", "actor_002"]
     assert {p: p.stat().st_mtime_ns for p in (out / "actors").rglob("*.parquet")} == files

@@ -27,6 +27,7 @@ from the worker keeps data off the driver and keeps both guarantees simple.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -264,8 +265,13 @@ def _find_emotion_db(config: PrepareConfig, sources: list[str]) -> Path:
 
 
 def _file_fingerprint(path: Path) -> str:
-    st = path.stat()
-    return fingerprint_of([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    """The emotion database by content: `cavatar synth` rewrites the same database on every run, and
+    a rewritten but identical file must not make every prepared actor stale (nor must a moved one)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return fingerprint_of([path.stat().st_size, digest.hexdigest()])
 
 
 def _emotion_text_table(config: PrepareConfig) -> tuple[np.ndarray, str]:

@@ -41,7 +41,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--sampler", choices=["lcm", "ddim", "dpm"], default=None, help="sampler (default: the bundle's)")
     r.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
     r.add_argument("--teacher-sampler", choices=["ddim", "dpm"], default=None, help="sampler of the without_lcm row")
-    r.add_argument("--teacher-steps", type=int, default=None, help="steps of the without_lcm row")
+    r.add_argument("--teacher-steps", type=int, default=None,
+                   help="steps when the teachers sample: the without_lcm row, and any row under --sampler ddim|dpm without --steps")
     r.add_argument("--seed", type=int, default=0, help="frame i is sampled with seed + i")
     r.add_argument("--batch-size", type=int, default=8, help="frames per network call")
     r.add_argument("--concurrency", type=_concurrency, default=None, metavar="N|MIN:MAX", help="pool actors")

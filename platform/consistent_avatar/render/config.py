@@ -54,7 +54,9 @@ class RenderConfig(BaseModel):
         None, description="sampler of the without_lcm row (default: the bundle's teacher sampler)"
     )
     teacher_steps: int | None = Field(
-        None, ge=1, le=1000, description="steps of the without_lcm row (default: the bundle's, 25)"
+        None, ge=1, le=1000,
+        description="steps when the teachers sample: the without_lcm row, and any row under a ddim/dpm "
+        "sampler without `steps` (default: the bundle's, 25)",
     )
     seed: int = Field(0, ge=0, description="frame i is sampled with seed + i, whatever the batching")
     batch_size: int = Field(8, ge=1, le=4096, description="frames per network call (one actor each)")

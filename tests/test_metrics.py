@@ -56,6 +56,11 @@ def test_float_inputs_match_uint8_and_bad_inputs_are_explained() -> None:
         image.l2(pred, real[:2])
     with pytest.raises(ConsistentAvatarError, match=r"\(N, H, W, 3\)"):
         image.psnr(pred[0], real[0])
+    # bf16 tensors (a GPU pipeline's output) are accepted: numpy has no bfloat16.
+    import torch
+
+    bf = torch.from_numpy(pred / 255.0).to(torch.bfloat16)
+    np.testing.assert_allclose(image.l2(bf, real), image.l2(bf.float().numpy(), real), rtol=1e-6)
 
 
 def test_ssim_identical_constant_and_skimage_reference() -> None:

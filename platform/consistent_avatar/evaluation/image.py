@@ -90,7 +90,10 @@ def is_unavailable(value: Any) -> bool:
 
 def _numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch tensor, without importing torch
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if x.is_floating_point():  # numpy has no bfloat16; float32 holds every bf16/fp16 value exactly
+            x = x.float()
+        x = x.numpy()
     return np.asarray(x)
 
 

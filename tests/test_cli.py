@@ -25,7 +25,15 @@ def test_import_platform_still_reaches_the_standard_library() -> None:
 
 def test_every_job_has_a_sub_command() -> None:
     commands = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
-    assert {"synth", "emotion-db", "prepare", "demo"} <= commands
+    assert {"synth", "emotion-db", "prepare", "train", "render", "evaluate", "report", "face-regressor", "demo"} <= commands
+
+
+@pytest.mark.parametrize("job", sorted(p.stem for p in (REPO / "jobs").glob("*.py")))
+def test_ray_job_entrypoints_front_their_sub_command(job: str) -> None:
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / f"{job}.py"), "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"usage: cavatar {job} ")
 
 
 def test_emotion_db_synthetic(tmp_path: Path) -> None:

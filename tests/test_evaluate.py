@@ -392,3 +392,20 @@ def test_strips_never_show_frames_without_a_psnr(tmp_path: Path) -> None:
                          EvaluateConfig(strip_frames=2))
     assert [s["frame"] for s in info["worst"]] == [2, 5]
     assert [s["frame"] for s in info["best"]] == [3, 0]
+
+
+def test_failed_re_evaluation_leaves_no_stale_metrics(small_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """metrics.json marks a complete evaluation: a re-run that fails after replacing other files
+    must not leave the earlier metrics.json beside them."""
+    from consistent_avatar.evaluation import report as report_module
+
+    first = evaluate(small_run, None, EvaluateConfig(lpips=False, progress=False))
+    assert first.metrics_path.is_file()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("report writer crashed")
+
+    monkeypatch.setattr(report_module, "write_report", broken)
+    with pytest.raises(RuntimeError, match="crashed"):
+        evaluate(small_run, None, EvaluateConfig(lpips=False, progress=False))
+    assert not first.metrics_path.exists()

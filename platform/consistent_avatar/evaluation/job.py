@@ -1101,6 +1101,10 @@ def evaluate(
             rows_out[row]["frames"] = sum(e["frames"] for e in rows_out[row]["actors"].values())
             rows_out[row]["settings"] = (plan.manifest.get("settings") or {}).get(row) if row != COARSE else {
                 "source": "coarse_rgb column of the shards (stage 1)"}
+        # From here the folder's files are replaced one by one; metrics.json, written last, marks a
+        # complete evaluation, so an earlier one goes first: a failure in between must not leave new
+        # strips or a new report beside old metrics.
+        (out_path / METRICS_FILE).unlink(missing_ok=True)
         publish_dir(strips_stage, out_path / STRIPS_DIR)
     except BaseException:
         shutil.rmtree(strips_stage, ignore_errors=True)

@@ -21,7 +21,7 @@ from consistent_avatar.bundle import EmotionTable, save_bundle
 from consistent_avatar.data.layout import EMOTIONS
 from consistent_avatar.models import build_fcsd, build_tsdm, load_preset, load_shared_components
 
-__all__ = ["make_tiny_bundle", "tiny_emotions"]
+__all__ = ["make_tiny_bundle", "tiny_emotions", "tiny_models"]
 
 
 def tiny_emotions(seed: int = 0, dim: int = 768) -> EmotionTable:
@@ -55,6 +55,15 @@ def _student(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return student
 
 
+def tiny_models(preset: Any, seed: int = 0) -> dict[str, torch.nn.Module]:
+    """Teachers (moved as if trained) and stand-in LCM students of both stages, keyed as
+    ``save_bundle`` takes them: ``tsdm``, ``fcsd``, ``lcm_tsdm``, ``lcm_fcsd``. Deterministic in ``seed``."""
+    shared = load_shared_components(preset, seed=seed)
+    tsdm = _as_if_trained(build_tsdm(preset, shared, seed=seed), seed + 4)
+    fcsd = _as_if_trained(build_fcsd(preset, shared, seed=seed), seed + 5)
+    return {"tsdm": tsdm, "fcsd": fcsd, "lcm_tsdm": _student(tsdm, seed + 1), "lcm_fcsd": _student(fcsd, seed + 2)}
+
+
 def make_tiny_bundle(
     root: Path,
     actor: str,
@@ -72,14 +81,12 @@ def make_tiny_bundle(
     sampling defaults (``SamplingDefaults`` fields), e.g. ``{"num_steps": 2}``.
     """
     p = load_preset(preset)
-    shared = load_shared_components(p, seed=seed)
-    tsdm = _as_if_trained(build_tsdm(p, shared, seed=seed), seed + 4)
-    fcsd = _as_if_trained(build_fcsd(p, shared, seed=seed), seed + 5)
+    models = tiny_models(p, seed)
     weights: dict[str, torch.nn.Module] = {}
     if "teacher" in variants:
-        weights |= {"tsdm": tsdm, "fcsd": fcsd}
+        weights |= {"tsdm": models["tsdm"], "fcsd": models["fcsd"]}
     if "lcm" in variants:
-        weights |= {"lcm_tsdm": _student(tsdm, seed + 1), "lcm_fcsd": _student(fcsd, seed + 2)}
+        weights |= {"lcm_tsdm": models["lcm_tsdm"], "lcm_fcsd": models["lcm_fcsd"]}
     table = emotions if emotions is not None else tiny_emotions(seed, p.conditioning.emotion_dim)
     out = Path(root) / actor
     save_bundle(

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from bundle_factory import tiny_models
 
 from consistent_avatar.bundle import EmotionTable, RefinerReference, load_bundle, save_bundle
 from consistent_avatar.data.layout import EMOTIONS
 from consistent_avatar.errors import ConsistentAvatarError
-from consistent_avatar.models import build_fcsd, build_tsdm, load_preset, load_shared_components
+from consistent_avatar.models import load_preset
 from consistent_avatar.models.refiner import Refiner
 from consistent_avatar.pipeline import EMOTION_TOKEN, ConsistentAvatarPipeline
 from consistent_avatar.tsd import temporally_sensitive_detail
@@ -23,41 +24,14 @@ B = 2
 STEPS = 2
 
 
-def _student(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    student = copy.deepcopy(model, memo={id(model.vae): model.vae})  # the VAE stays shared
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in [*student.conditioning.parameters(), *student.unet.conv_out.parameters()]:
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return student
-
-
 @pytest.fixture(scope="module")
 def preset():
     return load_preset("tiny")
 
 
-def _as_if_trained(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Give the zero-initialised parts (TSDM's widened conv_in, the ControlNet's zero convolutions)
-    non-zero weights, as training does: at init the coarse latent and z_c have no effect at all."""
-    g = torch.Generator().manual_seed(seed)
-    parts = [model.unet.conv_in]
-    if hasattr(model, "controlnet"):
-        cn = model.controlnet
-        parts += [cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]
-    with torch.no_grad():
-        for part in parts:
-            for p in part.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
-
-
 @pytest.fixture(scope="module")
 def models(preset):
-    shared = load_shared_components(preset, seed=0)
-    tsdm = _as_if_trained(build_tsdm(preset, shared, seed=0), 4)
-    fcsd = _as_if_trained(build_fcsd(preset, shared, seed=0), 5)
-    return {"tsdm": tsdm, "fcsd": fcsd, "lcm_tsdm": _student(tsdm, 1), "lcm_fcsd": _student(fcsd, 2)}
+    return tiny_models(preset, seed=0)
 
 
 @pytest.fixture(scope="module")

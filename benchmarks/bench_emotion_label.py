@@ -18,7 +18,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -45,29 +44,9 @@ SMOOTHING = 9
 
 
 def machine_info(devices: list[str]) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "machine": platform.machine(),
-        "nproc": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-        info["loadavg_1m_at_start"] = os.getloadavg()[0]
-    except OSError:
-        pass
-    if "cuda" in devices and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+    from machine import machine_info as base
 
+    return base(gpu="cuda" in devices) | {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 def queries(n: int, frames_per_actor: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     actors = math.ceil(n / frames_per_actor)

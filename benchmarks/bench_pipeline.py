@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -33,34 +31,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def machine_info(device: torch.device) -> dict[str, Any]:
     import diffusers
 
-    info: dict[str, Any] = {
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "nproc": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-        info["loadavg_1m"] = os.getloadavg()[0]
-    except OSError:
-        pass
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info |= {
-            "gpu": props.name,
-            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-            "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(),
-        }
-    return info
+    from machine import machine_info as base
 
+    return base(gpu=device.type == "cuda") | {"diffusers": diffusers.__version__}
 
 def build_pipeline(preset_name: str, device: torch.device, dtype: torch.dtype, seed: int) -> Any:
     """Random-weight TSDM + FCSD (both variants share the weights: same shapes, same cost)."""

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -24,16 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 
 def machine() -> dict[str, object]:
-    import torch
+    from machine import machine_info
 
-    return {
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-    }
-
+    return machine_info()
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -19,7 +19,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import datetime as _dt  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -27,33 +26,12 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import cv2  # noqa: E402
-import numpy as np  # noqa: E402
 
 
 def machine_info() -> dict[str, object]:
-    import torch
+    from machine import machine_info as base
 
-    info: dict[str, object] = {
-        "processor": platform.processor() or platform.machine(),
-        "machine": platform.machine(),
-        "nproc": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "opencv": cv2.__version__,
-        "platform": platform.platform(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-        info["loadavg_1m"] = os.getloadavg()[0]
-    except OSError:
-        pass
-    return info
-
+    return base() | {"opencv": cv2.__version__}
 
 def bench_res(res: int, frames: int, seed: int, degradation: float) -> dict[str, float]:
     from consistent_avatar.synthetic import SynthConfig

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import socket
 import sys
 import tempfile
 import time
@@ -74,31 +72,16 @@ def random_batch(kind: str, preset: ModelPreset, batch: int, latents: bool, devi
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "host": socket.gethostname(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpus": os.cpu_count(),
-    }
+    from machine import machine_info
+
+    info = machine_info(gpu=True)
     try:
         import deepspeed
 
         info["deepspeed"] = deepspeed.__version__
     except Exception:  # pragma: no cover - reported, not fatal
         info["deepspeed"] = None
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return info
-
 
 def bench_stage(stage: str, args: argparse.Namespace, preset: ModelPreset, device: torch.device, tmp: Path) -> dict[str, Any]:
     from consistent_avatar.training.loop import build_engine
@@ -231,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
     total = sum(r["projected_minutes"] for r in results)
-    print(f"paper schedule of the stages above: {total:.1f} min on {device} ({machine().get('gpu', machine().get('cpu', '?'))})")
+    print(f"paper schedule of the stages above: {total:.1f} min on {device} ({machine().get('gpu', machine().get('cpu_model', '?'))})")
 
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"train_{args.preset}_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

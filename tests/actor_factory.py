@@ -217,3 +217,13 @@ def make_video_actor(
     else:
         raise ValueError(tracking)
     return ActorTruth(root=root, **c)
+
+
+def synthetic_shards(src: Path, out: Path, actors: int, frames: int, workers: int) -> Path:
+    """``actors`` synthetic actors of ``frames`` frames at 64² (the tiny preset's resolution) written
+    to ``src`` and prepared into ``out`` by the real CLI (``cavatar synth`` then ``cavatar prepare``)."""
+    from consistent_avatar.cli import main
+
+    assert main(["synth", "--out", str(src), "--actors", str(actors), "--frames", str(frames), "--res", "64"]) == 0
+    assert main(["prepare", "--sources", str(src), "--out", str(out), "--workers", str(workers)]) == 0
+    return out

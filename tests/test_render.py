@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from actor_factory import synthetic_shards
 from bundle_factory import make_tiny_bundle
 
 from consistent_avatar.bundle import EmotionTable
@@ -48,11 +49,7 @@ FIRST = {"rows": list(ROWS), "teacher_steps": 2, "batch_size": 3, "concurrency":
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three synthetic actors, 24 frames at 64² (the tiny preset's resolution), prepared by the CLI."""
-    src = tmp_path_factory.mktemp("actors")
-    out = tmp_path_factory.mktemp("shards")
-    assert main(["synth", "--out", str(src), "--actors", "3", "--frames", "24", "--res", "64"]) == 0
-    assert main(["prepare", "--sources", str(src), "--out", str(out), "--workers", "1"]) == 0
-    return out
+    return synthetic_shards(tmp_path_factory.mktemp("actors"), tmp_path_factory.mktemp("shards"), 3, 24, 1)
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from actor_factory import synthetic_shards
 
-from consistent_avatar.cli import main
 from consistent_avatar.data.shards import actor_files, decode_images, read_emotion_table
 from consistent_avatar.errors import ActorDataError, ConsistentAvatarError
 from consistent_avatar.models import load_preset, save_random_components
@@ -36,11 +36,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three synthetic actors (16 frames, 64²: 13 train + 3 test) prepared by the real CLI."""
-    src = tmp_path_factory.mktemp("actors")
-    out = tmp_path_factory.mktemp("shards")
-    assert main(["synth", "--out", str(src), "--actors", "3", "--frames", "16", "--res", "64"]) == 0
-    assert main(["prepare", "--sources", str(src), "--out", str(out), "--workers", "2"]) == 0
-    return out
+    return synthetic_shards(tmp_path_factory.mktemp("actors"), tmp_path_factory.mktemp("shards"), 3, 16, 2)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ from tqdm.auto import tqdm
 
 from .data.layout import EMOTIONS, EXPRESSION_DIM
 from .errors import ConsistentAvatarError
+from .io import atomic_write_table
 
 log = logging.getLogger(__name__)
 
@@ -155,15 +155,7 @@ class EmotionDatabase:
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write the parquet file atomically (temporary name in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            pq.write_table(self.to_table(), tmp, compression="zstd")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return atomic_write_table(path, self.to_table())
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> EmotionDatabase:

@@ -33,6 +33,21 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_table(path: str | os.PathLike[str], table: Any, compression: str = "zstd") -> Path:
+    """Write a pyarrow table as one parquet file, visible only when complete (temporary name, rename)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        pq.write_table(table, tmp, compression=compression)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import time
 import traceback
@@ -46,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import ActorDataError, ConsistentAvatarError
 from ..io import (
     atomic_write_json,
+    atomic_write_table,
     encode_png,
     fingerprint_of,
     publish_dir,
@@ -505,6 +505,4 @@ def atomic_write_bytes_table(path: Path, embeddings: np.ndarray) -> None:
         },
         schema=emotion_table_schema(int(embeddings.shape[1])),
     )
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    atomic_write_table(path, table, compression="snappy")

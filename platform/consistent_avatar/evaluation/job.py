@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import ConsistentAvatarError
-from ..io import atomic_write_bytes, atomic_write_json, encode_png, publish_dir, read_json, staging_dir
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_table, encode_png, publish_dir, read_json, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -891,18 +891,6 @@ def _strip_row(rows: Sequence[str]) -> str | None:
     return others[0] if others else None
 
 
-def _write_parquet(path: Path, table: pa.Table) -> None:
-    import uuid
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _row_summary(actors: dict[str, Any], per_frame: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
     """Overall per-row figures with :func:`.aggregate.aggregate_actors` (the rule every table of the
     platform uses): ``mean`` = the mean of the per-actor means (each actor weighs the same, as in the
@@ -1137,7 +1125,7 @@ def evaluate(
 
     table = pa.Table.from_pydict(columns, schema=PER_FRAME_SCHEMA)
     per_frame_path = out_path / PER_FRAME_FILE
-    _write_parquet(per_frame_path, table)
+    atomic_write_table(per_frame_path, table)
 
     command = config.command or shlex.join([Path(sys.argv[0]).name if sys.argv else "python", *sys.argv[1:]])
     metrics: dict[str, Any] = {

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ConsistentAvatarError
-from ..io import atomic_write_bytes, atomic_write_json, encode_png, read_json
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_table, encode_png, read_json
 
 RENDER_SCHEMA_VERSION = 1
 MANIFEST_FILE = "render_manifest.json"
@@ -94,16 +94,6 @@ def outputs_schema(settings: Mapping[str, Any] | None = None) -> pa.Schema:
     )
 
 
-def _atomic_write_table(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_batch(
     out: str | Path,
     *,
@@ -145,7 +135,7 @@ def write_batch(
         schema=outputs_schema(settings),
     )
     part = actor_dir(out, row, actor) / f"outputs-{int(frames[0]):06d}-{uuid.uuid4().hex[:8]}.parquet"
-    _atomic_write_table(table, part)
+    atomic_write_table(part, table)
     return part
 
 
@@ -248,7 +238,7 @@ def compact_outputs(out: str | Path, row: str, actor: str, settings: Mapping[str
         and pq.read_metadata(files[0]).num_rows == table.num_rows
     )
     if not unchanged:
-        _atomic_write_table(table.replace_schema_metadata(outputs_schema(settings).metadata), directory / OUTPUTS_FILE)
+        atomic_write_table(directory / OUTPUTS_FILE, table.replace_schema_metadata(outputs_schema(settings).metadata))
         for p in files:
             if p.name != OUTPUTS_FILE:
                 p.unlink(missing_ok=True)

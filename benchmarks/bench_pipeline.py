@@ -121,6 +121,70 @@ def bench_one(
     return row
 
 
+def time_call(fn: Any, device: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds of ``fn()`` with synchronisation around each call."""
+    for _ in range(warmup):
+        fn()
+    walls = []
+    for _ in range(iters):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        walls.append(time.perf_counter() - start)
+    return statistics.median(walls)
+
+
+def components(pipe: Any, device: torch.device, batch: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Each network of the full method timed alone at ``batch`` (ms per call), and what they add up to.
+
+    Per frame at S steps the method runs: the TSD FFT, the VAE encode, the TSD-code encoder twice
+    (f_c and f_d), S TSDM UNet calls, S FCSD calls (ControlNet + UNet) and two VAE decodes. The sum
+    against the measured pipeline call shows what is left for the schedulers and Python.
+    """
+    from consistent_avatar.models.components import vae_decode, vae_encode
+    from consistent_avatar.pipeline import _to_signed
+    from consistent_avatar.tsd import temporally_sensitive_detail
+
+    p, dt = pipe.preset, pipe.dtype
+    x = make_inputs(p, batch, device, args.seed)
+    tsdm, fcsd = pipe.tsdm["lcm"], pipe.fcsd["lcm"]
+    tsd = temporally_sensitive_detail(x["coarse_rgb"], pipe.tsd).to(dt)
+    normal = _to_signed(x["coarse_normal"]).to(dt)
+    pose, expr = x["pose"].to(dt), x["expression"].to(dt)
+    emb = pipe.emotions.lookup(x["emotion"], batch)
+    z = torch.randn(batch, p.latent_channels, p.latent_size, p.latent_size, device=device)
+    t = torch.full((batch,), 500, device=device, dtype=torch.long)
+    f_c = tsdm.conditioning(tsd, pose, expr, validate=False)
+    f_d = fcsd.conditioning(tsd, pose, expr, emb, validate=False)
+    control = torch.cat([normal, tsd], dim=1)
+    zc = vae_encode(tsdm.vae, tsd)
+    calls = {
+        "tsd_fft": lambda: temporally_sensitive_detail(x["coarse_rgb"], pipe.tsd),
+        "vae_encode": lambda: vae_encode(tsdm.vae, tsd),
+        "tsd_code_encoder": lambda: tsdm.conditioning(tsd, pose, expr, validate=False),
+        "tsdm_unet": lambda: tsdm(z, t, f_c, zc),
+        "fcsd_controlnet_unet": lambda: fcsd(z, t, f_d, control),
+        "vae_decode": lambda: vae_decode(fcsd.vae, z),
+    }
+    ms: dict[str, float] = {}
+    with torch.no_grad():
+        for name, fn in calls.items():
+            ms[name] = 1000 * time_call(fn, device, args.warmup, args.iters)
+    s = 4
+    per_call = (
+        ms["tsd_fft"] + ms["vae_encode"] + 2 * ms["tsd_code_encoder"]
+        + s * (ms["tsdm_unet"] + ms["fcsd_controlnet_unet"]) + 2 * ms["vae_decode"]
+    )
+    vae_share = (ms["vae_encode"] + 2 * ms["vae_decode"]) / per_call
+    return {
+        "batch": batch,
+        "ms_per_call": ms,
+        "sum_at_4_steps_ms_per_frame": per_call / batch,
+        "vae_share_at_4_steps": vae_share,
+    }
+
+
 def precision_check(pipe: Any, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     """Frames of the benchmarked pipeline vs an eager fp32 pipeline built from the same seed.
 
@@ -174,6 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-compile-vae", action="store_true", help="with --compile: leave the VAE eager")
     ap.add_argument(
+        "--channels-last", action="store_true", help="store conv weights NHWC (pipeline.to(memory_format=...))"
+    )
+    ap.add_argument(
+        "--components",
+        action="store_true",
+        help="also time each network alone (VAE encode/decode, TSD-code encoder, TSDM UNet, ControlNet + UNet) "
+        "at every --batch, to show where a call's time goes",
+    )
+    ap.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/pipeline_<preset>_<device>.json)"
     )
     args = ap.parse_args(argv)
@@ -189,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     t0 = time.perf_counter()
     pipe = build_pipeline(args.preset, device, DTYPES[args.dtype], args.seed)
+    if args.channels_last:
+        pipe.to(memory_format=torch.channels_last)
     build_s = time.perf_counter() - t0
     if args.compile:
         pipe.compile(mode=args.compile, vae=not args.no_compile_vae)
@@ -201,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows: list[dict[str, Any]] = []
     check: dict[str, Any] | None = None
+    parts: list[dict[str, Any]] = []
 
     def save() -> None:
         """Rewrite the JSON after every configuration: a run cut short keeps what it measured."""
@@ -218,10 +294,15 @@ def main(argv: list[str] | None = None) -> int:
                 "inputs on device; median of --iters calls after --warmup untimed calls (compilation "
                 "and graph capture happen in the warm-up); ms/frame = ms per call / batch",
                 "results": rows,
+                "components": parts,
                 "precision_check": check,
             },
         )
 
+    if args.components:
+        for batch in args.batch:
+            parts.append(components(pipe, device, batch, args))
+            save()
     configs = [(s, b) for s in args.steps for b in args.batch]
     for steps, batch in tqdm(configs, desc="pipeline configs", file=sys.stderr):
         rows.append(bench_one(pipe, device, steps, batch, args))
@@ -250,6 +331,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['ms_per_frame']:10.2f} {r['frames_per_s']:9.2f} "
             f"{ph.get('stage2', 0.0):10.2f} {ph.get('stage3', 0.0):10.2f}"
         )
+    if parts:
+        names = list(parts[0]["ms_per_call"])
+        print("\nms per call of each network (" + ", ".join(names) + "); sum = one frame's share at 4 steps")
+        for part in parts:
+            cells = " ".join(f"{part['ms_per_call'][n]:8.2f}" for n in names)
+            print(
+                f"batch {part['batch']:3d}: {cells}  sum {part['sum_at_4_steps_ms_per_frame']:7.2f} ms/frame "
+                f"(VAE {100 * part['vae_share_at_4_steps']:.0f}%)"
+            )
     print(f"\nwrote {out}")
     return 0
 

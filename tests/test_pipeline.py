@@ -346,8 +346,24 @@ def test_compile_keeps_the_outputs(preset, models, emotions) -> None:
     )
     x = inputs(preset, 12)
     eager = p(**x, num_steps=STEPS).frames
-    p.compile(backend="eager")  # dynamo tracing on CPU; inductor/CUDA graphs are for the GPU host
+    p.compile(backend="eager", channels_last=True)  # dynamo tracing on CPU; inductor/CUDA graphs on GPU
+    conv = p.fcsd["lcm"].vae.decoder.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     torch.testing.assert_close(p(**x, num_steps=STEPS).frames, eager, atol=1e-5, rtol=0)
+
+
+def test_channels_last_keeps_the_outputs_and_other_formats_are_refused(preset, models, emotions) -> None:
+    own = {k: copy.deepcopy(models[k]) for k in ("lcm_tsdm", "lcm_fcsd")}
+    p = ConsistentAvatarPipeline(
+        preset=preset, tsdm={"lcm": own["lcm_tsdm"]}, fcsd={"lcm": own["lcm_fcsd"]}, emotions=emotions
+    )
+    x = inputs(preset, 13)
+    plain = p(**x, num_steps=STEPS).frames
+    p.to(memory_format=torch.channels_last)
+    assert p.tsdm["lcm"].unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(p(**x, num_steps=STEPS).frames, plain, atol=1e-5, rtol=0)
+    with pytest.raises(ConsistentAvatarError, match="memory_format"):
+        p.to(memory_format=torch.preserve_format)
 
 
 # ---------------------------------------------------------------- refiner

@@ -359,7 +359,7 @@ def test_a_killed_batch_leaves_nothing_half_written(shards: Path, bundles: Path,
     _, plans = render_job._check_inputs(shards, str(bundles), config)
     spec = render_job.JobSpec(
         out=str(out), actors=plans, seed=0, use_gpu=False, dtype="float32", num_threads=1,
-        compile=False, refine=None, refiner=None, cache_size=1, verify=True,
+        compile=False, batch_size=8, refine=None, refiner=None, cache_size=1, verify=True,
     )
     renderer = render_job.FrameRenderer(spec)
     unit = {"row": np.array(["full"]), "actor": np.array(["actor_000"]), "frames": np.array([json.dumps(TEST_FRAMES)])}
@@ -458,3 +458,43 @@ def test_gpu_pool_on_a_cluster_without_gpus_now() -> None:
         render_job._pool(RenderConfig.build(num_gpus_per_actor=1), units=4)
     pool = render_job._pool(RenderConfig.build(num_gpus_per_actor=1, concurrency=(1, 2)), units=4)
     assert isinstance(pool, ray.data.ActorPoolStrategy)
+
+
+def test_a_compiled_renderer_pads_short_units_to_its_batch_size(
+    shards: Path, bundles: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Under --compile every call has the configured batch size (one compilation, one CUDA graph);
+    the padding copies are dropped and the real frames come out as unpadded ones do."""
+    from consistent_avatar.pipeline import ConsistentAvatarPipeline
+
+    config = RenderConfig(actors=["actor_000"], progress=False)
+    _, plans = render_job._check_inputs(shards, str(bundles), config)
+    frames = TEST_FRAMES[:3]
+    unit = {"row": np.array(["full"]), "actor": np.array(["actor_000"]), "frames": np.array([json.dumps(frames)])}
+    batches: list[int] = []
+    real_call = ConsistentAvatarPipeline.__call__
+
+    def counting(self, coarse_rgb, *a, **k):  # records the batch each call really runs
+        batches.append(int(coarse_rgb.shape[0]))
+        return real_call(self, coarse_rgb, *a, **k)
+
+    monkeypatch.setattr(ConsistentAvatarPipeline, "__call__", counting)
+    # inductor needs a C++ toolchain and minutes on CPU: the padding is what this test is about
+    monkeypatch.setattr(ConsistentAvatarPipeline, "compile", lambda self, *a, **k: self)
+    images = {}
+    for compiled in (False, True):
+        out = tmp_path / f"OUT{int(compiled)}"
+        spec = render_job.JobSpec(
+            out=str(out), actors=plans, seed=0, use_gpu=False, dtype="float32", num_threads=1,
+            compile=compiled, batch_size=5, refine=None, refiner=None, cache_size=1, verify=True,
+        )
+        result = render_job.FrameRenderer(spec)(unit)
+        assert result["error"].tolist() == [""] and result["frames"].tolist() == [3]
+        settings = plans["actor_000"].rows["full"].settings
+        assert render_outputs.scan_outputs(out, "full", "actor_000", settings).frames == set(frames)
+        d = out / "full" / "actor_000" / "frames"
+        assert sorted(p.name for p in d.glob("*.png")) == [f"{f:06d}.png" for f in frames]
+        images[compiled] = [decode_png((d / f"{f:06d}.png").read_bytes()).astype(int) for f in frames]
+    assert batches == [3, 5]
+    for plain, padded in zip(images[False], images[True]):
+        assert np.abs(plain - padded).max() <= 1  # same noise per frame; only batch-size rounding differs

@@ -403,39 +403,65 @@ class ConsistentAvatarPipeline:
         return self._dtype
 
     def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        self,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        memory_format: torch.memory_format | None = None,
     ) -> ConsistentAvatarPipeline:
         """Move every network (and the emotion table) to ``device`` and/or cast to ``dtype`` (e.g.
         ``torch.bfloat16`` on GPU). The refiner stays where it was loaded (:meth:`from_bundle` loads it on
-        the bundle's device); ``refine`` moves frames to it and back."""
+        the bundle's device); ``refine`` moves frames to it and back.
+
+        ``memory_format=torch.channels_last`` stores every conv weight NHWC: cuDNN's bf16/fp16
+        convolutions run NHWC natively, and a conv with an NHWC weight makes its output NHWC, so the
+        whole network (VAE included) then runs without layout transposes. Values are unchanged."""
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise ConsistentAvatarError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if memory_format not in (None, torch.channels_last, torch.contiguous_format):
+            raise ConsistentAvatarError(
+                f"memory_format must be torch.channels_last or torch.contiguous_format, got {memory_format!r}"
+            )
         device = torch.device(device) if device is not None else self._device
         dtype = dtype or self._dtype
         for m in self._models():
             m.to(device=device, dtype=dtype)
+            if memory_format is not None:
+                m.to(memory_format=memory_format)
         self.emotions = self.emotions.to(device=device, dtype=dtype)
         self._device, self._dtype = device, dtype
         return self
 
     def compile(
         self,
-        mode: str | None = "max-autotune-no-cudagraphs",
+        mode: str | None = "auto",
         *,
         backend: str = "inductor",
         fullgraph: bool = False,
         dynamic: bool = False,
         vae: bool = True,
+        channels_last: bool | None = None,
     ) -> ConsistentAvatarPipeline:
-        """Wrap every UNet and ControlNet forward with ``torch.compile`` (in place; first calls compile).
+        """Wrap every UNet, ControlNet and VAE forward with ``torch.compile`` (in place; first calls compile).
 
-        Shapes are static per batch size and step count, and each per-step call is a pure function
-        of tensors, so ``mode="reduce-overhead"`` (CUDA graphs) applies as well. ``mode`` is only
-        passed to the inductor backend. ``vae``: also compile the VAE's encoder and decoder (each
-        distinct VAE once) — at 512² its three passes cost as much as several denoising steps.
+        ``mode="auto"``: ``"reduce-overhead"`` (inductor + CUDA graphs) on a GPU, inductor's default
+        mode elsewhere. Shapes are static per batch size and step count and each per-step call is a
+        pure function of tensors, so CUDA graphs apply; every new batch size compiles and captures
+        again (minutes at sd15 shapes), so keep the batch size fixed (``cavatar render --compile`` pads
+        the last batch). ``mode`` is only passed to the inductor backend. ``vae``: also compile the VAE
+        encoder and decoder — at 512² its three passes are half of an eager call at batch 16.
+        ``channels_last`` (default: on a GPU): NHWC conv weights (:meth:`to`); with inductor it made
+        the sd15 pipeline faster on an H200, while eager it made it slower (benchmarks/README.md).
         """
+        on_gpu = self._device.type == "cuda"
+        if mode == "auto":
+            mode = "reduce-overhead" if on_gpu else None
+        if channels_last is None:
+            channels_last = on_gpu and backend == "inductor"
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
         opts: dict[str, Any] = {"backend": backend, "fullgraph": fullgraph, "dynamic": dynamic}
-        if backend == "inductor":
+        if backend == "inductor" and mode is not None:
             opts["mode"] = mode
         seen: set[int] = set()
         for model in self._models():

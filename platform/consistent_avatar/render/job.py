@@ -120,6 +120,7 @@ class JobSpec:
     dtype: str
     num_threads: int
     compile: bool
+    batch_size: int
     refine: bool | None
     refiner: str | None
     cache_size: int
@@ -234,6 +235,14 @@ class FrameRenderer:
         if rs.switches.get("without_emotion"):
             x["emotion"] = None  # no lookup: the row must not depend on the bundle knowing the labels
         seeds = [self.spec.seed + f for f in frames]
+        n = len(frames)
+        pad = self.spec.batch_size - n if self.spec.compile else 0
+        if pad > 0:
+            # A compiled pipeline compiles (and captures CUDA graphs) once per batch size: pad a short
+            # unit with copies of its last frame instead. Per-frame seeds keep each real frame's noise
+            # what it would be unpadded; the copies' outputs are dropped.
+            x = _pad_inputs(x, pad)
+            seeds = seeds + [seeds[-1]] * pad
         result = pipe(
             **x,
             num_steps=rs.steps,
@@ -242,7 +251,8 @@ class FrameRenderer:
             refine=self.spec.refine,
             **rs.switches,
         )
-        images = result.frames_uint8().numpy()
+        seeds = seeds[:n]
+        images = result.frames_uint8().numpy()[:n]
         write_batch(
             self.spec.out,
             row=row,
@@ -278,6 +288,21 @@ class FrameRenderer:
             out["seconds"].append(time.perf_counter() - t0)
             out["error"].append(error)
         return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _pad_inputs(x: dict[str, Any], pad: int) -> dict[str, Any]:
+    """The pipeline inputs of a unit with its last frame repeated ``pad`` more times."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for key, value in x.items():
+        if value is None:
+            out[key] = None
+        elif isinstance(value, torch.Tensor):
+            out[key] = torch.cat([value, value[-1:].expand(pad, *value.shape[1:])])
+        else:
+            out[key] = list(value) + [value[-1]] * pad
+    return out
 
 
 def _video_task(out: str, row: str, plan: ActorPlan, fps: float) -> str:
@@ -748,6 +773,7 @@ def _run_pool(
         dtype=config.torch_dtype_name,
         num_threads=max(1, int(config.num_cpus_per_actor)),
         compile=config.compile,
+        batch_size=config.batch_size,
         refine=config.refine,
         refiner=config.refiner,
         cache_size=config.cache_size,

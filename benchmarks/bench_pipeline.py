@@ -185,6 +185,42 @@ def components(pipe: Any, device: torch.device, batch: int, args: argparse.Names
     }
 
 
+def profile_call(pipe: Any, device: torch.device, steps: int, batch: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One (already warm) call under torch.profiler: GPU time by kernel and how busy the GPU was.
+
+    ``gpu_busy_ms`` (sum of kernel times) against ``wall_ms`` tells launch-bound (much less) from
+    compute-bound (close); the top kernels tell which layers cost the most.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    x = make_inputs(pipe.preset, batch, device, args.seed)
+    kw = {"num_steps": steps, "sampler": args.sampler, "baseline": args.baseline, "seed": args.seed}
+    pipe(**x, **kw)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        pipe(**x, **kw)
+        sync(device)
+    wall = time.perf_counter() - start
+    kernels = [
+        e for e in prof.key_averages()
+        if device.type == "cuda" and e.device_type == torch.autograd.DeviceType.CUDA
+    ]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    busy = sum(e.self_device_time_total for e in kernels) / 1000
+    return {
+        "steps": steps,
+        "batch": batch,
+        "wall_ms": 1000 * wall,
+        "gpu_busy_ms": busy,
+        "kernel_launches": sum(e.count for e in kernels),
+        "top_kernels": [
+            {"name": e.key[:120], "count": e.count, "ms": e.self_device_time_total / 1000} for e in kernels[:25]
+        ],
+    }
+
+
 def precision_check(pipe: Any, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     """Frames of the benchmarked pipeline vs an eager fp32 pipeline built from the same seed.
 
@@ -238,7 +274,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-compile-vae", action="store_true", help="with --compile: leave the VAE eager")
     ap.add_argument(
+        "--inductor-tuning",
+        action="store_true",
+        help="with --compile: inductor's settings for diffusion models (1×1 convs as matmuls, coordinate-"
+        "descent tuning of generated kernels, no epilogue fusion); compilation takes longer",
+    )
+    ap.add_argument(
         "--channels-last", action="store_true", help="store conv weights NHWC (pipeline.to(memory_format=...))"
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timings, profile one call of every --batch at the first --steps (GPU time by kernel)",
     )
     ap.add_argument(
         "--components",
@@ -266,7 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         pipe.to(memory_format=torch.channels_last)
     build_s = time.perf_counter() - t0
     if args.compile:
-        pipe.compile(mode=args.compile, vae=not args.no_compile_vae)
+        if args.inductor_tuning:
+            import torch._inductor.config as inductor
+
+            inductor.conv_1x1_as_mm = True
+            inductor.coordinate_descent_tuning = True
+            inductor.coordinate_descent_check_all_directions = True
+            inductor.epilogue_fusion = False
+        pipe.compile(mode=args.compile, vae=not args.no_compile_vae, channels_last=args.channels_last)
 
     preset_tag = Path(args.preset).stem if args.preset.endswith(".json") else args.preset
     out = (
@@ -277,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     check: dict[str, Any] | None = None
     parts: list[dict[str, Any]] = []
+    profiles: list[dict[str, Any]] = []
 
     def save() -> None:
         """Rewrite the JSON after every configuration: a run cut short keeps what it measured."""
@@ -295,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                 "and graph capture happen in the warm-up); ms/frame = ms per call / batch",
                 "results": rows,
                 "components": parts,
+                "profiles": profiles,
                 "precision_check": check,
             },
         )
@@ -307,6 +363,18 @@ def main(argv: list[str] | None = None) -> int:
     for steps, batch in tqdm(configs, desc="pipeline configs", file=sys.stderr):
         rows.append(bench_one(pipe, device, steps, batch, args))
         save()
+
+    if args.profile:
+        for batch in args.batch:
+            prof = profile_call(pipe, device, args.steps[0], batch, args)
+            profiles.append(prof)
+            save()
+            print(
+                f"profile batch {batch}: wall {prof['wall_ms']:.1f} ms, GPU busy {prof['gpu_busy_ms']:.1f} ms, "
+                f"{prof['kernel_launches']} kernels; top:"
+            )
+            for k in prof["top_kernels"][:12]:
+                print(f"  {k['ms']:8.2f} ms  {k['count']:5d}×  {k['name']}")
 
     if args.check:
         check = precision_check(pipe, device, args)

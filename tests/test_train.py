@@ -27,7 +27,7 @@ from consistent_avatar.models import load_preset, save_random_components
 from consistent_avatar.training import TrainConfig, train
 from consistent_avatar.training.actor import ActorOutcome
 from consistent_avatar.training.cli import config_from_args, register_cli
-from consistent_avatar.training.data import StageCollate, inspect_actor, read_rows, stage_columns
+from consistent_avatar.training.data import StageCollate, inspect_actor, read_rows, stage_columns, train_dataset
 from consistent_avatar.training.many import TrainReport, fits, trainer_demand
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -116,6 +116,15 @@ def test_collate_decodes_shard_rows_to_model_batches(shards: Path) -> None:
     assert set(tsdm) == {"frame", "coarse_tsd", "target_tsd", "pose", "expression"}
     vae = StageCollate("actor_000", "vae")(read_rows(files, stage_columns("vae"), 2))
     assert vae["images"].shape == (4, 3, 64, 64)  # frames and TSD maps
+
+
+def test_an_epoch_of_several_passes_streams_every_train_row_that_many_times(shards: Path) -> None:
+    files = [str(f) for f in actor_files(shards, "actor_000")]
+    train_frames = inspect_actor(shards, "actor_000", 64, 768).train_frames
+    for passes in (1, 3):
+        frames = [int(r["frame"]) for r in train_dataset(files, ["frame"], passes=passes).take_all()]
+        assert len(frames) == passes * train_frames  # a path listed twice is read once: passes are a union
+        assert all(frames.count(f) == passes for f in set(frames))
 
 
 def test_corrupt_rows_and_mismatched_shards_are_named(shards: Path) -> None:

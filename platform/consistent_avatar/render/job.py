@@ -214,7 +214,9 @@ class FrameRenderer:
 
         def images(column: str) -> torch.Tensor:
             arr = np.stack([decode_png(v) for v in table[column].to_pylist()])
-            return torch.from_numpy(arr).permute(0, 3, 1, 2)
+            # contiguous NCHW: a padded unit (torch.cat) has these strides too, so a compiled
+            # pipeline sees one input layout and does not recompile for the padded last unit
+            return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
         def vectors(column: str) -> torch.Tensor:
             return torch.from_numpy(np.asarray(table[column].to_pylist(), dtype=np.float32))

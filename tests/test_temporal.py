@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from scipy.ndimage import gaussian_filter
 
@@ -176,3 +177,23 @@ def test_long_uint8_videos_are_measured_without_float64_copies_of_the_whole_vide
     np.testing.assert_allclose(flow_magnitude_curve(flow, m), (mag * pm).reshape(n - 1, -1).sum(1) / pm.reshape(n - 1, -1).sum(1),
                                rtol=1e-12)
     assert _frames_u8(a) is a or np.array_equal(_frames_u8(a), a)
+
+
+def test_auto_flow_takes_raft_only_when_its_weights_are_on_disk(tmp_path, monkeypatch) -> None:
+    from torchvision.models.optical_flow import raft_small
+
+    from consistent_avatar.evaluation.temporal import FarnebackFlow, choose_flow
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    flow, note = choose_flow("auto", device="cpu")
+    assert isinstance(flow, FarnebackFlow) and RAFT_WEIGHT_FILES["small"] in note and note.startswith("auto: Farneback")
+    flow, note = choose_flow("raft", device="cpu")  # asked for RAFT: no fallback, reported unavailable
+    assert isinstance(flow, RAFTFlow) and not flow.available
+    assert isinstance(choose_flow("farneback")[0], FarnebackFlow)
+    ckpt = tmp_path / "hub" / "checkpoints" / RAFT_WEIGHT_FILES["small"]
+    ckpt.parent.mkdir(parents=True)
+    torch.save(raft_small(weights=None).state_dict(), ckpt)  # random weights: a loading test only
+    flow, note = choose_flow("auto", device="cpu")
+    assert isinstance(flow, RAFTFlow) and flow.available and str(ckpt) in note
+    with pytest.raises(ConsistentAvatarError, match="flow method"):
+        choose_flow("lucas-kanade")

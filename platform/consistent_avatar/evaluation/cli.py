@@ -31,7 +31,8 @@ def register_cli(subparsers: Any) -> None:
     e.add_argument("--no-lpips", action="store_true", help="skip LPIPS (reported as unavailable)")
     e.add_argument("--lpips-net", choices=["alex", "vgg", "squeeze"], default="alex", help="LPIPS backbone")
     e.add_argument("--torch-home", default=None, help="TORCH_HOME holding the LPIPS backbone weights (offline)")
-    e.add_argument("--flow", choices=["farneback", "raft"], default="farneback", help="optical-flow method")
+    e.add_argument("--flow", choices=["auto", "farneback", "raft"], default="auto",
+                   help="optical-flow method (auto: RAFT when its weights are in the torch hub cache, else Farneback)")
     e.add_argument("--face-estimator", default="none",
                    help="face-parameter estimator for pose/expression error: a saved estimator path, or 'none'")
     e.add_argument("--mask", action="store_true", help="compare the foreground (shard mask) only")

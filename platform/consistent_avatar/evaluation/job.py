@@ -95,7 +95,9 @@ class EvaluateConfig(BaseModel):
     lpips: bool = Field(True, description="compute LPIPS (needs the backbone weights locally)")
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
     torch_home: str | None = Field(None, description="TORCH_HOME holding hub/checkpoints/<LPIPS backbone, RAFT>")
-    flow: Literal["farneback", "raft"] = "farneback"
+    flow: Literal["auto", "farneback", "raft"] = Field(
+        "auto", description="auto: RAFT when its weights are on disk, else Farneback (temporal.choose_flow)"
+    )
     face_estimator: str = Field(
         "none",
         description="'none', a SyntheticFaceRegressor folder, or a JSON file naming an estimator "
@@ -599,7 +601,7 @@ class _Components:
 
     def __init__(self, config: EvaluateConfig, plan: _Plan) -> None:
         from .image import LPIPSMetric
-        from .temporal import FarnebackFlow, RAFTFlow
+        from .temporal import choose_flow
 
         self.config = config
         self.lpips: Any = None
@@ -610,10 +612,7 @@ class _Components:
             self.lpips = LPIPSMetric(net=config.lpips_net, device=config.device, torch_home=config.torch_home)
             if not self.lpips.available:
                 self.lpips_reason, self.lpips = self.lpips.reason, None
-        if config.flow == "farneback":
-            self.flow: Any = FarnebackFlow()
-        else:
-            self.flow = RAFTFlow(device=config.device, torch_home=config.torch_home)
+        self.flow, self.flow_choice = choose_flow(config.flow, device=config.device, torch_home=config.torch_home)
         self.face, self.face_reason = self._face(config)
         self.emotion = _EmotionTruth(plan, self.face, self.face_reason)
 
@@ -647,7 +646,7 @@ class _Components:
         return {
             "lpips": self.lpips.describe() if self.lpips is not None else {"available": False, "reason": self.lpips_reason},
             "flow": {"estimator": getattr(self.flow, "name", self.config.flow), "available": self.flow.available,
-                     "reason": self.flow.reason,
+                     "reason": self.flow.reason, "choice": self.flow_choice,
                      **({"params": self.flow.params()} if hasattr(self.flow, "params") else {})},
             "face_estimator": ({"name": self.face.name, "expression_dims": list(self.face.expression_dims),
                                 "pose_dims": list(self.face.pose_dims), "available": True}

@@ -354,3 +354,24 @@ def _nanmean(x: np.ndarray) -> float:
     x = np.asarray(x, np.float64)
     ok = ~np.isnan(x)
     return float(x[ok].mean()) if ok.any() else float("nan")
+
+
+def choose_flow(
+    method: str = "auto", *, device: str | None = None, torch_home: str | os.PathLike[str] | None = None
+) -> tuple[Any, str]:
+    """The flow estimator for ``method`` and a note saying why it was chosen.
+
+    ``auto`` (the default of ``cavatar evaluate``): RAFT (small) when its checkpoint is on disk,
+    Farneback otherwise — the note then says which file would enable RAFT. ``raft`` asks for RAFT
+    only: without weights its metrics are reported unavailable, never replaced by Farneback's.
+    """
+    if method == "farneback":
+        return FarnebackFlow(), "farneback: asked for"
+    if method not in ("raft", "auto"):
+        raise ConsistentAvatarError(f"flow method must be 'auto', 'raft' or 'farneback', got {method!r}")
+    raft = RAFTFlow(device=device, torch_home=torch_home)
+    if method == "raft":
+        return raft, "raft: asked for"
+    if raft.available:
+        return raft, f"auto: RAFT, its weights are at {raft.weights_path}"
+    return FarnebackFlow(), f"auto: Farneback, as RAFT is unavailable ({raft.reason})"

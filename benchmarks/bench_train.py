@@ -83,6 +83,65 @@ def machine() -> dict[str, Any]:
         info["deepspeed"] = None
     return info
 
+def phase_times(runner: Any, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator, sync: Any, n: int) -> dict[str, float]:
+    """Median ms of forward (the stage loss), backward and the optimiser step, synchronised apart.
+
+    The synchronisations cost a little overlap, so the parts add up to slightly more than a step.
+    """
+    parts: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+    for _ in range(n):
+        sync()
+        t0 = time.perf_counter()
+        loss = runner.loss(engine, batch, gen)
+        sync()
+        t1 = time.perf_counter()
+        engine.backward(loss)
+        sync()
+        t2 = time.perf_counter()
+        engine.step()
+        runner.after_step()
+        sync()
+        t3 = time.perf_counter()
+        for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+            parts[k].append(v)
+    return {k: round(1000 * sorted(v)[len(v) // 2], 1) for k, v in parts.items()}
+
+
+def profile_steps(step: Any, sync: Any, device: torch.device, n: int = 3) -> dict[str, Any]:
+    """``n`` steps under torch.profiler: GPU busy time against wall time, and the costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            step()
+        sync()
+    wall = (time.perf_counter() - t0) / n
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    ops = sorted(
+        (e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
+        key=lambda e: e.cpu_time_total, reverse=True,
+    )
+    return {
+        "steps": n,
+        "wall_ms_per_step": round(1000 * wall, 1),
+        "gpu_busy_ms_per_step": round(sum(e.self_device_time_total for e in kernels) / 1000 / n, 1),
+        "kernel_launches_per_step": sum(e.count for e in kernels) // n,
+        "top_kernels": [
+            {"name": e.key[:120], "count": e.count // n, "ms_per_step": round(e.self_device_time_total / 1000 / n, 2)}
+            for e in kernels[:20]
+        ],
+        "top_cpu_ops": [
+            {"name": e.key[:120], "count": e.count // n, "cpu_ms_per_step": round(e.cpu_time_total / 1000 / n, 2)}
+            for e in ops[:20]
+        ],
+    }
+
+
 def bench_stage(stage: str, args: argparse.Namespace, preset: ModelPreset, device: torch.device, tmp: Path) -> dict[str, Any]:
     from consistent_avatar.training.loop import build_engine
     from consistent_avatar.training.stages import STAGE_KIND, make_runner
@@ -146,6 +205,8 @@ def bench_stage(stage: str, args: argparse.Namespace, preset: ModelPreset, devic
         times.append(time.perf_counter() - t)
     times.sort()
     median = times[len(times) // 2]
+    phases = phase_times(runner, engine, batch, gen, sync, max(3, args.steps // 2)) if args.phases else None
+    profile = profile_steps(step, sync, device) if args.profile else None
     result = {
         "stage": stage,
         "batch": args.batch,
@@ -159,6 +220,10 @@ def bench_stage(stage: str, args: argparse.Namespace, preset: ModelPreset, devic
         "paper_iterations": base.stage(stage).iterations,
     }
     result["projected_minutes"] = round(result["paper_iterations"] * median / 60, 2)
+    if phases is not None:
+        result["phase_ms_median"] = phases
+    if profile is not None:
+        result["profile"] = profile
     del runner, engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -180,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--latents", action=argparse.BooleanOptionalAction, default=True,
                    help="feed precomputed VAE latents (as shards with latents do)")
+    p.add_argument("--phases", action="store_true", help="also time forward / backward / optimiser step apart")
+    p.add_argument("--profile", action="store_true", help="also profile 3 steps (GPU busy vs wall, top kernels and ops)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_<preset>_<device>.json)")
     args = p.parse_args(argv)
 
@@ -202,6 +269,14 @@ def main(argv: list[str] | None = None) -> int:
             results.append(bench_stage(stage, args, preset, device, Path(tmp)))
             r = results[-1]
             print(f"  {stage}: {r['step_ms_median']} ms/step", flush=True)
+            if "phase_ms_median" in r:
+                print(f"    phases (ms): {r['phase_ms_median']}", flush=True)
+            if "profile" in r:
+                pr = r["profile"]
+                print(f"    profile: wall {pr['wall_ms_per_step']} ms/step, GPU busy {pr['gpu_busy_ms_per_step']} ms, "
+                      f"{pr['kernel_launches_per_step']} kernels/step", flush=True)
+                for k in pr["top_kernels"][:8]:
+                    print(f"      {k['ms_per_step']:8.2f} ms  {k['count']:5d}x  {k['name']}", flush=True)
 
     header = ("stage", "batch", "trainable M", "ms/step", "samples/s", "peak GiB", "paper steps", "projected min")
     rows = [header] + [

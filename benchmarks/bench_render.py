@@ -327,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--cpus-per-actor", type=float, default=1.0, help="CPUs per pool actor (torch threads on CPU)"
     )
+    ap.add_argument(
+        "--io-cpus", type=float, default=None, help="CPUs per load/write task (default: render's, 0.1)"
+    )
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile the networks in each pool actor")
     ap.add_argument(
@@ -349,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     from consistent_avatar.models import load_preset
     from consistent_avatar.render import RenderConfig, render
     from consistent_avatar.render.cli import command_line
-    from consistent_avatar.render.job import _pool
+    from consistent_avatar.render.job import _resources
 
     preset = load_preset(args.preset)
     config = RenderConfig.build(
@@ -361,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=args.concurrency,
         num_gpus_per_actor=args.gpus_per_actor,
         num_cpus_per_actor=args.cpus_per_actor,
+        **({} if args.io_cpus is None else {"io_cpus": args.io_cpus}),
         dtype=args.dtype,
         compile=args.compile,
         video=not args.no_video,
@@ -413,8 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         print(report.table(), file=sys.stderr)
 
         batches = batches_of(out, names)
-        pool = _pool(config, max(1, len(batches)))  # the pool the job ran with (same rule as render)
-        pool_size = int(pool.max_size)
+        res = _resources(config, max(1, len(batches)))  # the pool the job ran with (same rule as render)
+        pool_size = int(res.pool.max_size)
         frames = report.frames
         first, rest = batches[:pool_size], batches[pool_size:]
         steady: dict[str, Any] | None = None
@@ -448,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
             "actors": len(names),
             "batches": len(batches),
             "pool_size": pool_size,
+            "pool_actor_cpus": res.actor_cpus,
+            "io_cpus": res.io_cpus,
+            "io_tasks_per_stage": res.io_tasks,
             "steps": steps,
             "sampler": batches[0]["sampler"] if batches else None,
             "dtype": config.torch_dtype_name,
@@ -519,7 +526,11 @@ def main(argv: list[str] | None = None) -> int:
             "preset / device / dtype",
             f"{preset.name} / {device} / {r['dtype']}" + (" / compiled" if args.compile else ""),
         ),
-        ("batch × steps, pool actors", f"{args.batch_size} × {r['steps']}, {pool_size}"),
+        (
+            "batch × steps, pool actors",
+            f"{args.batch_size} × {r['steps']}, {pool_size} (× {res.actor_cpus:g} CPU; I/O tasks "
+            f"{res.io_cpus:g} CPU, ≤ {res.io_tasks} per stage)",
+        ),
         ("frames (actors × frames)", f"{frames} ({len(names)} × {args.frames}, split {args.split})"),
         ("wall, render() call", f"{wall:.2f} s → {r['frames_per_s']:.2f} frames/s end to end"),
         ("Ray Data stage", f"{report.render_seconds:.2f} s → {r['frames_per_s_pool_stage']:.2f} frames/s"),

@@ -1,9 +1,10 @@
 """`cavatar render` over real shards (`cavatar synth` + `prepare`, 64²) with tiny random bundles.
 
-Two Ray Data runs share the module (pool-actor start-up dominates on 2 cores): ``first`` renders every
+Three Ray Data runs share the module (pool-actor start-up dominates on 2 cores): ``first`` renders every
 ablation row of three actors, one of whose bundles is corrupt; the resume test re-runs it through the
-CLI after deleting outputs and repairing that bundle. Everything else (checks, atomicity, determinism)
-runs in-process, without Ray work.
+CLI after deleting outputs and repairing that bundle; a third one has a unit fail in the load stage and
+another in the write stage. Everything else (checks, resource sizing, atomicity, determinism) runs
+in-process, without Ray work (the stages' code chained by ``render_units_locally``).
 """
 
 from __future__ import annotations
@@ -277,6 +278,53 @@ def test_resume_renders_only_what_is_missing(first, shards: Path, bundles: Path,
 
 
 # ---------------------------------------------------------------------------------------------
+# A unit failing in the load or the write stage (third Ray run)
+# ---------------------------------------------------------------------------------------------
+
+
+def _corrupt_png(shards: Path, actor: str, frame: int, column: str, tmp_path: Path) -> Path:
+    """A copy of ``shards`` whose ``column`` PNG of ``frame`` of ``actor`` is not a PNG any more."""
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    for path in (copy / "actors" / actor).glob("part-*.parquet"):
+        table = pq.read_table(path)
+        frames = table["frame"].to_pylist()
+        if frame not in frames:
+            continue
+        values = table[column].to_pylist()
+        values[frames.index(frame)] = b"not a png"
+        i = table.schema.get_field_index(column)
+        table = table.set_column(i, table.schema.field(i), pa.array(values, type=table.schema.field(i).type))
+        pq.write_table(table, path)
+        return copy
+    raise AssertionError(f"frame {frame} of {actor} is in no shard file")
+
+
+def test_a_failure_in_the_load_or_write_stage_fails_only_its_unit(shards: Path, bundles: Path, tmp_path: Path) -> None:
+    """Units of 2 frames: actor_000's second unit cannot be loaded (a corrupt input PNG: load stage),
+    actor_001's first cannot be written (a folder where a PNG goes: write stage). Each becomes its
+    unit's error with today's message; every other unit completes, and nothing half-written counts."""
+    broken = _corrupt_png(shards, "actor_000", 22, "coarse_normal", tmp_path)
+    out = tmp_path / "OUT"
+    blocker = out / "full" / "actor_001" / "frames" / "000021.png"
+    (blocker / "in_the_way").mkdir(parents=True)
+    config = RenderConfig(actors=GOOD, batch_size=2, concurrency=1, progress=False)
+    report = render(broken, bundles, out, config, command="test stage failures")
+
+    assert report.frames == 4 and report.rendered["full"] == {"actor_000": 2, "actor_001": 2}
+    assert report.missing["full"] == {"actor_000": 2, "actor_001": 2} and set(report.failed) == set(GOOD)
+    assert "2 of 4 frames missing: corrupt PNG bytes in a shard" in report.failed["actor_000"]
+    assert "2 of 4 frames missing: IsADirectoryError" in report.failed["actor_001"]
+    assert read_outputs(out, "full", "actor_000")["frame"].to_pylist() == [20, 21]
+    assert read_outputs(out, "full", "actor_001")["frame"].to_pylist() == [22, 23]
+    # the failed write's first PNG landed, but without its parquet row it does not count
+    assert (out / "full" / "actor_001" / "frames" / "000020.png").is_file()
+    assert not any((out / "full" / a / f"{a}.mp4").exists() for a in GOOD)  # incomplete rows: no video
+    m = read_render_manifest(out)
+    assert m["actors"]["actor_000"]["rendered"] == {"full": 2} and m["actors"]["actor_000"]["failed"] == {"full": "2 frames missing"}
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input: refused before any Ray work
 # ---------------------------------------------------------------------------------------------
 
@@ -349,7 +397,7 @@ def test_many_problems_are_reported_together(no_ray_work, shards: Path, bundles:
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomicity of one batch (in-process, the pool actor's code without Ray)
+# Atomicity of one batch (in-process: the three stages' code without Ray)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -366,13 +414,16 @@ def test_a_killed_batch_leaves_nothing_half_written(shards: Path, bundles: Path,
     settings = plans["actor_000"].rows["full"].settings
     d = out / "full" / "actor_000"
 
+    def run(batch: dict) -> dict:  # load → render → write, as the job chains them
+        return render_job.render_units_locally(spec, batch, renderer)
+
     def killed(*_a: object, **_k: object) -> None:
         raise KeyboardInterrupt  # stands in for SIGKILL between the PNGs and the parquet part
 
     with monkeypatch.context() as m:  # killed after the PNGs, before the parquet part
         m.setattr(render_outputs.pq, "write_table", killed)
         with pytest.raises(KeyboardInterrupt):
-            renderer(unit)
+            run(unit)
     assert len(list((d / "frames").glob("*.png"))) == 4 and not list(d.glob("*.parquet"))
     assert render_outputs.scan_outputs(out, "full", "actor_000", settings).frames == set()  # PNGs alone do not count
 
@@ -391,11 +442,11 @@ def test_a_killed_batch_leaves_nothing_half_written(shards: Path, bundles: Path,
     with monkeypatch.context() as m:
         m.setattr(cio.os, "replace", dies_on_second_png)
         with pytest.raises(KeyboardInterrupt):
-            renderer(unit)
+            run(unit)
     assert [p.name for p in (d / "frames").glob("*.png")] == ["000020.png"]  # the other one is hidden
     assert [p.name for p in (d / "frames").iterdir() if p.name.startswith(".")]
 
-    result = renderer(unit)  # a fresh attempt completes the unit
+    result = run(unit)  # a fresh attempt completes the unit
     assert result["error"].tolist() == [""] and result["frames"].tolist() == [4]
     assert render_outputs.scan_outputs(out, "full", "actor_000", settings).frames == set(TEST_FRAMES)
     other = dict(settings, steps=2)
@@ -415,12 +466,13 @@ def test_cli_options_make_the_config_and_the_command_round_trips() -> None:
     argv = ["render", "--shards", "S", "--bundles", "s3://bucket/bundles", "--out", "O", "--split", "all",
             "--actors", "a,b", "--rows", "full,without_lcm", "--steps", "2", "--teacher-steps", "10",
             "--seed", "7", "--batch-size", "16", "--concurrency", "1:4", "--gpus-per-actor", "0.5",
-            "--dtype", "bfloat16", "--no-refiner", "--fps", "30", "--force"]
+            "--dtype", "bfloat16", "--io-cpus", "0.5", "--no-refiner", "--fps", "30", "--force"]
     config = config_from_args(parser.parse_args(argv))
     assert config.split == "all" and config.actors == ["a", "b"] and config.rows == ["full", "without_lcm"]
     assert (config.steps, config.teacher_steps, config.seed, config.batch_size) == (2, 10, 7, 16)
     assert config.concurrency == (1, 4) and config.num_gpus_per_actor == 0.5 and config.use_gpu
     assert config.refine is False and config.fps == 30 and config.force and config.torch_dtype_name == "bfloat16"
+    assert config.io_cpus == 0.5
     line = command_line("S", "s3://bucket/bundles", "O", config)
     again = config_from_args(parser.parse_args(line.split()[1:]))
     assert again == config
@@ -460,6 +512,30 @@ def test_gpu_pool_on_a_cluster_without_gpus_now() -> None:
     assert isinstance(pool, ray.data.ActorPoolStrategy)
 
 
+def test_the_pool_leaves_cpus_for_the_load_and_write_tasks() -> None:
+    """On the 2-CPU local Ray of the tests: the default pool (one actor per CPU) asks for less than a
+    CPU per actor so that a load and a write task fit beside it; GPU pools keep their CPU request."""
+    import ray
+
+    assert ray.cluster_resources()["CPU"] == 2
+    res = render_job._resources(RenderConfig(), units=10)
+    assert (res.pool.max_size, res.actor_cpus, res.io_cpus, res.io_tasks) == (2, 0.9, 0.1, 2)
+    res = render_job._resources(RenderConfig(io_cpus=0.25), units=10)
+    assert res.actor_cpus == 0.75
+    assert render_job._resources(RenderConfig(), units=1).actor_cpus == 1.0  # one actor leaves a CPU
+    assert render_job._resources(RenderConfig(concurrency=1, num_cpus_per_actor=0.5), units=10).actor_cpus == 0.5
+    assert render_job._resources(RenderConfig(concurrency=6), units=10).actor_cpus == 0.3
+    with pytest.raises(ConsistentAvatarError, match=r"not enough for 2 pool actor\(s\) and the load and write tasks"):
+        render_job._resources(RenderConfig(io_cpus=1), units=10)
+    # the same CPUs for the actors and the I/O tasks: the task pool is sized apart from the actor pool,
+    # else Ray Data would fuse the load stage into the pool actors
+    res = render_job._resources(RenderConfig(concurrency=2, num_cpus_per_actor=0.1), units=10)
+    assert (res.pool.max_size, res.actor_cpus, res.io_cpus, res.io_tasks) == (2, 0.1, 0.1, 3)
+    # a GPU pool waiting for an autoscaler's GPU nodes asks for what it was told
+    res = render_job._resources(RenderConfig(num_gpus_per_actor=1, concurrency=4), units=10)
+    assert (res.actor_cpus, res.actor_gpus) == (1.0, 1)
+
+
 def test_a_compiled_renderer_pads_short_units_to_its_batch_size(
     shards: Path, bundles: Path, tmp_path: Path, monkeypatch
 ) -> None:
@@ -488,7 +564,7 @@ def test_a_compiled_renderer_pads_short_units_to_its_batch_size(
             out=str(out), actors=plans, seed=0, use_gpu=False, dtype="float32", num_threads=1,
             compile=compiled, batch_size=5, refine=None, refiner=None, cache_size=1, verify=True,
         )
-        result = render_job.FrameRenderer(spec)(unit)
+        result = render_job.render_units_locally(spec, unit)
         assert result["error"].tolist() == [""] and result["frames"].tolist() == [3]
         settings = plans["actor_000"].rows["full"].settings
         assert render_outputs.scan_outputs(out, "full", "actor_000", settings).frames == set(frames)

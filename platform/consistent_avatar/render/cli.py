@@ -48,6 +48,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--concurrency", type=_concurrency, default=None, metavar="N|MIN:MAX", help="pool actors")
     r.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per pool actor (0: CPU)")
     r.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per pool actor")
+    r.add_argument("--io-cpus", type=float, default=0.1,
+                   help="CPUs per load task (shard reads, PNG decoding) and write task (PNG encoding, parquet)")
     r.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="network dtype (auto: bfloat16 on GPU, float32 on CPU)")
     r.add_argument("--compile", action="store_true", help="torch.compile the networks in each pool actor")
@@ -81,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> RenderConfig:
         concurrency=args.concurrency,
         num_gpus_per_actor=args.gpus_per_actor,
         num_cpus_per_actor=args.cpus_per_actor,
+        io_cpus=args.io_cpus,
         dtype=args.dtype,
         compile=args.compile,
         refine=False if args.no_refiner else None,
@@ -113,6 +116,7 @@ def command_line(shards: str, bundles: str, out: str, config: RenderConfig) -> s
         c = config.concurrency
         argv += ["--concurrency", f"{c[0]}:{c[1]}" if isinstance(c, tuple) else str(c)]
     argv += ["--gpus-per-actor", f"{config.num_gpus_per_actor:g}", "--cpus-per-actor", f"{config.num_cpus_per_actor:g}"]
+    argv += ["--io-cpus", f"{config.io_cpus:g}"]
     argv += ["--dtype", config.dtype, "--cache-size", str(config.cache_size), "--fps", f"{config.fps:g}"]
     for flag, on in (
         ("--compile", config.compile),

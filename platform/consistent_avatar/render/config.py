@@ -65,6 +65,11 @@ class RenderConfig(BaseModel):
     )
     num_gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per pool actor (0: CPU)")
     num_cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs per pool actor (torch threads on CPU)")
+    io_cpus: float = Field(
+        0.1, gt=0.0, le=64.0,
+        description="CPUs each load task (shard read, PNG decode) and write task (PNG encode, parquet) asks "
+        "Ray for; the pool leaves at least two such tasks' worth of the cluster's CPUs free",
+    )
     dtype: DType = Field("auto", description="network dtype; auto = bfloat16 on GPU, float32 on CPU")
     compile: bool = Field(False, description="torch.compile the UNets and ControlNets in each pool actor")
     refine: bool | None = Field(

@@ -10,20 +10,46 @@ What :func:`render` does, in order:
 2. **Plan what is missing**: per (row, actor) the frames of the split whose PNG and parquet row do
    not exist yet, cut into *units* of at most ``batch_size`` frames — each unit is one actor, one
    row, one network call.
-3. **Ray Data**: ``from_items(units).map_batches(FrameRenderer, compute=ActorPoolStrategy(...))``.
-   A pool actor loads bundles on first use (``load_bundle`` → ``ConsistentAvatarPipeline.from_bundle``,
-   an LRU of ``cache_size`` pipelines), reads its unit's rows from the shard files, renders them in
-   one ``ConsistentAvatarPipeline.__call__`` with per-frame seeds ``seed + frame``, and writes PNGs
-   then one parquet part (see :mod:`.outputs`). A unit that fails returns its error instead of failing
-   the job, so one broken actor does not stop the others; a pool actor that dies is restarted by Ray
-   Data and its unit retried (writes are atomic and idempotent).
+3. **Ray Data**, the batch-inference shape, one unit per block at every stage::
+
+       from_items(units)
+         .map_batches(load_units,    CPU tasks, io_cpus each)   shard rows → decoded PNGs, vectors (numpy)
+         .map_batches(FrameRenderer, ActorPoolStrategy pool)    pipeline only → (B, 3, H, W) uint8 frames
+         .map_batches(write_units,   CPU tasks, io_cpus each)   PNGs, then one parquet part (see .outputs)
+
+   The load task reads the unit's rows from the shard files (a filter on ``frame``) and decodes its
+   PNGs into contiguous NCHW uint8 arrays. A pool actor loads bundles on first use (``load_bundle`` →
+   ``ConsistentAvatarPipeline.from_bundle``, an LRU of ``cache_size`` pipelines; ``compile`` wraps
+   them), pads a short unit to ``batch_size`` under ``compile``, and renders it in one
+   ``ConsistentAvatarPipeline.__call__`` with per-frame seeds ``seed + frame``. The write task writes
+   the PNGs and the parquet part and returns the unit's result row (row, actor, frames, seconds,
+   error). So while a pool actor renders one unit, tasks decode the next ones and encode the last
+   ones: the pool actor's time goes to the pipeline. A unit that fails at any stage carries its error
+   through the later ones (which pass it on untouched) to its result row instead of failing the job,
+   so one broken actor or frame does not stop the others; a pool actor or task that dies is restarted
+   by Ray Data and its unit retried (writes are atomic and idempotent).
+
+   **Resources.** Pool actors hold their CPUs (and GPUs) for the whole job, and the load and write
+   tasks can only run on CPUs no pool actor holds: a pool that took every CPU would leave the tasks
+   unscheduled and the job hanging. Each I/O task asks for ``io_cpus`` (default 0.1: it is short
+   and single-threaded, and a small fraction lets Ray Data run several beside a pool that takes
+   nearly every CPU; 0.25 rendered measurably slower on 2 cores), at most one task per cluster CPU
+   per stage, and the pool leaves at least ``2 × io_cpus`` of the cluster's CPUs free: one load and
+   one write task. A GPU pool is sized by the GPUs and each actor asks for its GPU(s) plus
+   ``num_cpus_per_actor`` (default 1): on a GPU host the other cores are the I/O tasks'. A CPU pool
+   keeps one actor per CPU, each still running ``num_cpus_per_actor`` torch threads, but when the
+   pool would take the CPUs the reserve needs, each actor asks Ray for an equal share of what is left
+   after it — on the 2-CPU local default, 2 actors × 0.9 CPU beside 0.2 for the tasks. That share is
+   what the I/O used to cost inside the pool actor, now spent by the tasks instead; the alternative,
+   a pool one actor smaller, would leave a whole core to the little I/O of a CPU render. See
+   :func:`_resources`.
 4. **Finish**: per (row, actor) merge the parts into ``outputs.parquet``; write the side-by-side mp4
    (Ray tasks, one per video) once every frame exists; rewrite ``render_manifest.json``.
 
 Why work units instead of ``read_parquet(...).map_batches``: a batch must hold a single actor (one
 pipeline, one call), and only the missing frames of each (row, actor) are rendered. Units built in
 the driver give both without a shuffle of image bytes through the object store (a groupby would move
-every frame); each pool actor reads just its unit's rows from the shard files, with a filter on
+every frame); each load task reads just its unit's rows from the shard files, with a filter on
 ``frame``. The driver only ever holds the small per-frame index (frame, split, emotion label).
 """
 
@@ -35,6 +61,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import platform as _platform
 import shlex
@@ -53,6 +80,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..data.layout import EXPRESSION_DIM, POSE_DIM
 from ..errors import ConsistentAvatarError
 from ..io import decode_png, fingerprint_of, remove_stale_staging
 from .config import ROWS, RenderConfig, row_switches
@@ -75,6 +103,8 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".render.lock"
 _INPUT_COLUMNS = ["frame", "coarse_rgb", "coarse_normal", "pose", "expression", "emotion"]
+#: what the load stage hands the pool actor per unit (besides row, actor, frames, error, seconds)
+_PAYLOAD = ("coarse_rgb", "coarse_normal", "pose", "expression", "emotion")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +141,7 @@ class ActorPlan:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What every pool actor needs: the plans plus the device settings."""
+    """What every stage needs: the plans plus the device settings."""
 
     out: str
     actors: dict[str, ActorPlan]
@@ -128,12 +158,119 @@ class JobSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# The pool actor
+# The three stages. A work unit travels as one row (one block) from stage to stage: ``row``,
+# ``actor``, ``frames`` (JSON), ``error`` ("" while it is fine), ``seconds`` (summed over the
+# stages) and the stage's payload. A stage that fails on a unit sets its ``error`` and empties its
+# payload; the later stages pass such a unit on untouched, so it ends as its error row.
 # ---------------------------------------------------------------------------------------------
 
 
+def _unit_error(exc: Exception) -> str:
+    """How a unit's failure is reported: our own errors as their message, others with a traceback."""
+    if isinstance(exc, ConsistentAvatarError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
+
+
+def _column(values: list[Any]) -> np.ndarray:
+    """One output column: arrays stacked along a new first axis (rows), object-dtype if ragged."""
+    if values and isinstance(values[0], np.ndarray):
+        if all(v.shape == values[0].shape and v.dtype == values[0].dtype for v in values):
+            return np.stack(values)
+        column = np.empty(len(values), dtype=object)
+        column[:] = values
+        return column
+    return np.asarray(values)
+
+
+def _units(batch: Mapping[str, Any]) -> Iterator[tuple[int, str, str, list[int], str, float]]:
+    """(index, row, actor, frames, error, seconds so far) of every unit in a stage's input batch."""
+    n = len(batch["row"])
+    errors = batch.get("error")
+    seconds = batch.get("seconds")
+    for i in range(n):
+        yield (
+            i,
+            str(batch["row"][i]),
+            str(batch["actor"][i]),
+            [int(f) for f in json.loads(str(batch["frames"][i]))],
+            "" if errors is None else str(errors[i]),
+            0.0 if seconds is None else float(seconds[i]),
+        )
+
+
+def _read_unit(plan: ActorPlan, frames: list[int]) -> dict[str, np.ndarray | str]:
+    """A unit's pipeline inputs from the shard files: images as contiguous NCHW uint8, vectors as
+    float32, emotion labels as JSON, in the order of ``frames``."""
+    files = sorted({plan.file_of[f] for f in frames})
+    table = pq.read_table(files, columns=_INPUT_COLUMNS, filters=[("frame", "in", frames)])
+    got = table["frame"].to_pylist()
+    missing = sorted(set(frames) - set(got))
+    if missing:
+        raise ConsistentAvatarError(
+            f"frames {missing[:5]} of actor {plan.actor!r} are no longer in the shards: "
+            "the shards changed during the render; re-run the render"
+        )
+    position = {f: i for i, f in enumerate(got)}
+    table = table.take(pa.array([position[f] for f in frames]))
+
+    def images(column: str) -> np.ndarray:
+        arr = np.stack([decode_png(v) for v in table[column].to_pylist()])
+        # contiguous NCHW: the GPU stage wraps it as is, and a padded unit (a concatenation) has
+        # these strides too, so a compiled pipeline sees one input layout and does not recompile
+        return np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
+
+    def vectors(column: str) -> np.ndarray:
+        return np.asarray(table[column].to_pylist(), dtype=np.float32)
+
+    return {
+        "coarse_rgb": images("coarse_rgb"),
+        "coarse_normal": images("coarse_normal"),
+        "pose": vectors("pose"),
+        "expression": vectors("expression"),
+        "emotion": json.dumps(table["emotion"].to_pylist()),
+    }
+
+
+def _empty_inputs(resolution: int) -> dict[str, np.ndarray | str]:
+    """The payload of a unit that failed to load (zero frames, the shapes of a real one)."""
+    image = np.zeros((0, 3, resolution, resolution), dtype=np.uint8)
+    return {
+        "coarse_rgb": image,
+        "coarse_normal": image,
+        "pose": np.zeros((0, POSE_DIM), dtype=np.float32),
+        "expression": np.zeros((0, EXPRESSION_DIM), dtype=np.float32),
+        "emotion": "[]",
+    }
+
+
+def load_units(batch: Mapping[str, Any], spec: JobSpec) -> dict[str, np.ndarray]:
+    """Stage 1 (a CPU task): read each unit's rows from the shard files, decode its PNGs."""
+    out: dict[str, list[Any]] = defaultdict(list)
+    for _, row, actor, frames, error, seconds in _units(batch):
+        t0 = time.perf_counter()
+        plan = spec.actors[actor]
+        inputs = None
+        if not error:
+            try:
+                inputs = _read_unit(plan, frames)
+            except Exception as exc:  # isolate the unit: report, never fail the whole job
+                error = _unit_error(exc)
+        for key, value in (inputs or _empty_inputs(plan.resolution)).items():
+            out[key].append(value)
+        out["row"].append(row)
+        out["actor"].append(actor)
+        out["frames"].append(json.dumps(frames))
+        out["error"].append(error)
+        out["seconds"].append(seconds + time.perf_counter() - t0)
+    return {k: _column(v) for k, v in out.items()}
+
+
 class FrameRenderer:
-    """Ray Data UDF (one per pool actor): renders work units, each one actor × one row × ≤B frames.
+    """Stage 2 (the pool actor; one per GPU, or per CPU share): renders loaded work units, each one
+    actor × one row × ≤B frames, with one ``ConsistentAvatarPipeline.__call__``; returns the frames as
+    (B, 3, H, W) uint8 (their layout in memory; the write stage transposes them) plus what the write
+    stage records (timings, sampler, steps, seeds).
 
     Keeps up to ``cache_size`` actor pipelines loaded (LRU). The constructor does no heavy work and
     cannot fail on bad input (a failing constructor would fail the whole job); bundles load on first use
@@ -197,114 +334,120 @@ class FrameRenderer:
 
     # -- one unit --------------------------------------------------------------------------
 
-    def _inputs(self, plan: ActorPlan, frames: list[int]) -> dict[str, Any]:
+    def _render_unit(
+        self, row: str, actor: str, frames: list[int], inputs: Mapping[str, Any]
+    ) -> tuple[np.ndarray, Any, list[int]]:
+        """(frames as (n, 3, H, W) uint8, the PipelineOutput, per-frame seeds) of one loaded unit."""
         import torch
 
-        files = sorted({plan.file_of[f] for f in frames})
-        table = pq.read_table(files, columns=_INPUT_COLUMNS, filters=[("frame", "in", frames)])
-        got = table["frame"].to_pylist()
-        missing = sorted(set(frames) - set(got))
-        if missing:
-            raise ConsistentAvatarError(
-                f"frames {missing[:5]} of actor {plan.actor!r} are no longer in the shards: "
-                "the shards changed during the render; re-run the render"
-            )
-        position = {f: i for i, f in enumerate(got)}
-        table = table.take(pa.array([position[f] for f in frames]))
-
-        def images(column: str) -> torch.Tensor:
-            arr = np.stack([decode_png(v) for v in table[column].to_pylist()])
-            # contiguous NCHW: a padded unit (torch.cat) has these strides too, so a compiled
-            # pipeline sees one input layout and does not recompile for the padded last unit
-            return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-
-        def vectors(column: str) -> torch.Tensor:
-            return torch.from_numpy(np.asarray(table[column].to_pylist(), dtype=np.float32))
-
-        return {
-            "coarse_rgb": images("coarse_rgb"),
-            "coarse_normal": images("coarse_normal"),
-            "pose": vectors("pose"),
-            "expression": vectors("expression"),
-            "emotion": table["emotion"].to_pylist(),
-        }
-
-    def _render_unit(self, row: str, actor: str, frames: list[int]) -> int:
-        plan = self.spec.actors[actor]
-        rs = plan.rows[row]
+        rs = self.spec.actors[actor].rows[row]
         pipe = self._pipeline(actor)
-        x = self._inputs(plan, frames)
-        if rs.switches.get("without_emotion"):
-            x["emotion"] = None  # no lookup: the row must not depend on the bundle knowing the labels
-        seeds = [self.spec.seed + f for f in frames]
         n = len(frames)
+        arrays = {k: np.asarray(inputs[k]) for k in ("coarse_rgb", "coarse_normal", "pose", "expression")}
+        emotion: list[str] | None = [str(e) for e in json.loads(str(inputs["emotion"]))]
+        if arrays["coarse_rgb"].shape[0] != n or len(emotion) != n:
+            raise ConsistentAvatarError(
+                f"the loaded unit holds {arrays['coarse_rgb'].shape[0]} frames, not {n}: re-run the render"
+            )
+        if rs.switches.get("without_emotion"):
+            emotion = None  # no lookup: the row must not depend on the bundle knowing the labels
+        seeds = [self.spec.seed + f for f in frames]
         pad = self.spec.batch_size - n if self.spec.compile else 0
         if pad > 0:
             # A compiled pipeline compiles (and captures CUDA graphs) once per batch size: pad a short
             # unit with copies of its last frame instead. Per-frame seeds keep each real frame's noise
             # what it would be unpadded; the copies' outputs are dropped.
-            x = _pad_inputs(x, pad)
+            arrays = {k: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) for k, a in arrays.items()}
+            emotion = None if emotion is None else emotion + [emotion[-1]] * pad
             seeds = seeds + [seeds[-1]] * pad
+        # Ray Data hands the arrays over read-only (object store memory): copy those, which the
+        # pipeline would otherwise share with the store (torch has no read-only tensors).
+        x = {k: torch.from_numpy(a if a.flags.writeable else a.copy()) for k, a in arrays.items()}
         result = pipe(
             **x,
+            emotion=emotion,
             num_steps=rs.steps,
             sampler=rs.sampler,
             seed=seeds,
             refine=self.spec.refine,
             **rs.switches,
         )
-        seeds = seeds[:n]
-        images = result.frames_uint8().numpy()[:n]
-        write_batch(
-            self.spec.out,
-            row=row,
-            actor=actor,
-            frames=frames,
-            splits=[plan.splits[f] for f in frames],
-            images=images,
-            timings=result.timings,
-            sampler=str(result.settings["sampler"]),
-            steps=int(result.settings["num_steps"]),
-            seeds=seeds,
-            settings=rs.settings,
-        )
-        return len(frames)
+        # frames_uint8 is (B, H, W, 3) over (B, 3, H, W) memory: hand on that memory as it is and let
+        # the write task transpose (a strided copy of 16 frames at 512² costs tens of ms in this actor)
+        images = result.frames_uint8()[:n].permute(0, 3, 1, 2).numpy()
+        return np.ascontiguousarray(images), result, seeds[:n]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list[Any]] = {"row": [], "actor": [], "frames": [], "seconds": [], "error": []}
-        for row, actor, frames_json in zip(batch["row"], batch["actor"], batch["frames"]):
-            frames = [int(f) for f in json.loads(str(frames_json))]
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        out: dict[str, list[Any]] = defaultdict(list)
+        for i, row, actor, frames, error, seconds in _units(batch):
             t0 = time.perf_counter()
-            error = ""
-            done = 0
-            try:
-                done = self._render_unit(str(row), str(actor), frames)
-            except Exception as exc:  # isolate the actor: report, never fail the whole job
-                if isinstance(exc, ConsistentAvatarError):
-                    error = str(exc)
-                else:
-                    error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
-            out["row"].append(str(row))
-            out["actor"].append(str(actor))
-            out["frames"].append(done)
-            out["seconds"].append(time.perf_counter() - t0)
+            r = self.spec.actors[actor].resolution
+            images = np.zeros((0, 3, r, r), dtype=np.uint8)
+            timings, sampler, steps, seeds = "{}", "", 0, "[]"
+            if not error:
+                try:
+                    inputs = {k: batch[k][i] for k in _PAYLOAD}
+                    images, result, used = self._render_unit(row, actor, frames, inputs)
+                    timings = json.dumps({k: float(v) for k, v in result.timings.items()})
+                    sampler = str(result.settings["sampler"])
+                    steps = int(result.settings["num_steps"])
+                    seeds = json.dumps(used)
+                except Exception as exc:  # isolate the actor: report, never fail the whole job
+                    error = _unit_error(exc)
+            out["row"].append(row)
+            out["actor"].append(actor)
+            out["frames"].append(json.dumps(frames))
             out["error"].append(error)
-        return {k: np.asarray(v) for k, v in out.items()}
+            out["seconds"].append(seconds + time.perf_counter() - t0)
+            out["images"].append(images)
+            out["timings"].append(timings)
+            out["sampler"].append(sampler)
+            out["steps"].append(steps)
+            out["seeds"].append(seeds)
+        return {k: _column(v) for k, v in out.items()}
 
 
-def _pad_inputs(x: dict[str, Any], pad: int) -> dict[str, Any]:
-    """The pipeline inputs of a unit with its last frame repeated ``pad`` more times."""
-    import torch
+def write_units(batch: Mapping[str, Any], spec: JobSpec) -> dict[str, np.ndarray]:
+    """Stage 3 (a CPU task): write each rendered unit's PNGs, then its parquet part (atomically, see
+    :func:`.outputs.write_batch`). Returns the job's result rows: row, actor, frames written, seconds
+    (all stages), error ("" when the unit is complete)."""
+    out: dict[str, list[Any]] = {"row": [], "actor": [], "frames": [], "seconds": [], "error": []}
+    for i, row, actor, frames, error, seconds in _units(batch):
+        t0 = time.perf_counter()
+        done = 0
+        if not error:
+            try:
+                plan = spec.actors[actor]
+                write_batch(
+                    spec.out,
+                    row=row,
+                    actor=actor,
+                    frames=frames,
+                    splits=[plan.splits[f] for f in frames],
+                    images=np.asarray(batch["images"][i]).transpose(0, 2, 3, 1),  # NCHW → NHWC (a view)
+                    timings=json.loads(str(batch["timings"][i])),
+                    sampler=str(batch["sampler"][i]),
+                    steps=int(batch["steps"][i]),
+                    seeds=json.loads(str(batch["seeds"][i])),
+                    settings=plan.rows[row].settings,
+                )
+                done = len(frames)
+            except Exception as exc:  # isolate the unit: report, never fail the whole job
+                error = _unit_error(exc)
+        out["row"].append(row)
+        out["actor"].append(actor)
+        out["frames"].append(done)
+        out["seconds"].append(seconds + time.perf_counter() - t0)
+        out["error"].append(error)
+    return {k: np.asarray(v) for k, v in out.items()}
 
-    out: dict[str, Any] = {}
-    for key, value in x.items():
-        if value is None:
-            out[key] = None
-        elif isinstance(value, torch.Tensor):
-            out[key] = torch.cat([value, value[-1:].expand(pad, *value.shape[1:])])
-        else:
-            out[key] = list(value) + [value[-1]] * pad
-    return out
+
+def render_units_locally(
+    spec: JobSpec, batch: Mapping[str, Any], renderer: FrameRenderer | None = None
+) -> dict[str, np.ndarray]:
+    """The three stages in this process, one after the other (what the Ray Data job runs, without
+    Ray): for tests and debugging. ``renderer``: a FrameRenderer to reuse (its loaded pipelines)."""
+    return write_units((renderer or FrameRenderer(spec))(load_units(batch, spec)), spec)
 
 
 def _video_task(out: str, row: str, plan: ActorPlan, fps: float) -> str:
@@ -682,6 +825,58 @@ def _pool(config: RenderConfig, units: int) -> Any:
     return ray.data.ActorPoolStrategy(size=max(1, min(size, units)))
 
 
+@dataclass(frozen=True)
+class _Resources:
+    """What the job asks Ray for: the pool (its actors' CPUs and GPUs) and the I/O tasks."""
+
+    pool: Any  # ray.data.ActorPoolStrategy
+    actor_cpus: float
+    actor_gpus: float
+    io_cpus: float
+    io_tasks: int  # at most this many load (and as many write) tasks at a time
+
+
+def _resources(config: RenderConfig, units: int) -> _Resources:
+    """Size the pool and the I/O stages so that they fit together (see the module docstring).
+
+    Pool actors hold their CPUs for the whole job; the load and write tasks can only run on CPUs no
+    pool actor holds. So the pool leaves at least ``2 × io_cpus`` of the cluster's CPUs free (one
+    load and one write task): a pool actor asks Ray for ``num_cpus_per_actor``, or for an equal share
+    of the CPUs left after that reserve when the pool would otherwise take them (its torch thread count
+    stays ``num_cpus_per_actor``). A GPU pool still waiting for an autoscaler's GPU nodes is not
+    shrunk (those nodes bring their own CPUs).
+    """
+    import ray
+
+    pool = _pool(config, units)
+    size = int(pool.max_size)
+    resources = ray.cluster_resources()
+    cpus = float(resources.get("CPU", 0.0))
+    reserve = 2 * config.io_cpus
+    actor_cpus = config.num_cpus_per_actor
+    waiting = config.use_gpu and float(resources.get("GPU", 0.0)) < size * config.num_gpus_per_actor
+    if size * actor_cpus > cpus - reserve and not waiting:
+        share = math.floor((cpus - reserve) / size * 1e4 + 1e-6) / 1e4  # Ray counts CPUs in 1e-4 steps
+        if share <= 0:
+            raise ConsistentAvatarError(
+                f"the Ray cluster has {cpus:g} CPU(s): not enough for {size} pool actor(s) and the load and "
+                f"write tasks ({config.io_cpus:g} CPU each): lower --concurrency or --io-cpus, or add CPUs"
+            )
+        actor_cpus = share
+    io_tasks = max(2, math.ceil(cpus))  # a task decodes or encodes one PNG at a time: one core
+    if io_tasks == size and actor_cpus == config.io_cpus and not config.num_gpus_per_actor:
+        # Ray Data fuses a task stage into the actor pool after it when both ask for the same resources
+        # and the task pool is as large as the actor pool: loading would run inside the pool actors,
+        # serially again. One more I/O task keeps the stages apart.
+        io_tasks += 1
+    return _Resources(pool, actor_cpus, config.num_gpus_per_actor, config.io_cpus, io_tasks)
+
+
+def _pool_size_text(pool: Any) -> str:
+    lo, hi = int(pool.min_size), int(pool.max_size)
+    return str(hi) if lo == hi else f"{lo}–{hi}"
+
+
 def _machine() -> dict[str, Any]:
     import torch
 
@@ -781,13 +976,31 @@ def _run_pool(
         cache_size=config.cache_size,
         verify=config.verify_bundles,
     )
-    ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        FrameRenderer,
-        fn_constructor_kwargs={"spec": spec},
-        batch_size=1,
-        compute=_pool(config, len(units)),
-        num_cpus=config.num_cpus_per_actor,
-        num_gpus=config.num_gpus_per_actor or None,
+    res = _resources(config, len(units))
+    io = ray.data.TaskPoolStrategy(size=res.io_tasks)
+    shrunk = res.actor_cpus < config.num_cpus_per_actor
+    log.info(
+        "render stages: load (%g CPU per task, ≤ %d at a time) → %s pool actor(s) (%g CPU%s each%s) → "
+        "write (%g CPU per task, ≤ %d at a time)",
+        res.io_cpus, res.io_tasks, _pool_size_text(res.pool), res.actor_cpus,
+        f", {res.actor_gpus:g} GPU" if res.actor_gpus else "",
+        f", not {config.num_cpus_per_actor:g}: CPUs left for the I/O tasks" if shrunk else "",
+        res.io_cpus, res.io_tasks,
+    )
+    # One unit per block and per batch at every stage: a unit is one pipeline call, and a unit that
+    # failed somewhere is one result row.
+    ds = (
+        ray.data.from_items(units, override_num_blocks=len(units))
+        .map_batches(load_units, fn_kwargs={"spec": spec}, batch_size=1, compute=io, num_cpus=res.io_cpus)
+        .map_batches(
+            FrameRenderer,
+            fn_constructor_kwargs={"spec": spec},
+            batch_size=1,
+            compute=res.pool,
+            num_cpus=res.actor_cpus,
+            num_gpus=res.actor_gpus or None,
+        )
+        .map_batches(write_units, fn_kwargs={"spec": spec}, batch_size=1, compute=io, num_cpus=res.io_cpus)
     )
     errors: dict[tuple[str, str], list[str]] = defaultdict(list)
     job_error: str | None = None

@@ -366,3 +366,14 @@ def test_two_actors_train_at_once_and_a_broken_one_fails_alone(shards: Path, tmp
 
     vae = AutoencoderKL.from_pretrained(out / "actor_000" / "vae" / "model", local_files_only=True)
     assert vae.config.latent_channels == 4
+
+
+def test_checkpoint_storage_is_absolute_or_a_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train refuses a relative storage_path ("URI has empty scheme"): `cavatar train --out runs/x`
+    must still work."""
+    from consistent_avatar.training.actor import _storage_path
+
+    monkeypatch.chdir(tmp_path)
+    assert _storage_path("runs/demo/train/a/checkpoints") == str(tmp_path / "runs/demo/train/a/checkpoints")
+    assert _storage_path("s3://bucket/ckpt/a") == "s3://bucket/ckpt/a"
+    assert _storage_path("/abs/ckpt") == "/abs/ckpt"

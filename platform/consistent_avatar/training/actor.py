@@ -61,6 +61,14 @@ MAX_PASSES = 64
 BUNDLES_DIR = "bundles"
 
 
+def _storage_path(path: str) -> str:
+    """A Ray Train ``storage_path``: URIs as given, local paths made absolute (Ray Train hands the
+    path to ``pyarrow.fs.FileSystem.from_uri``, which refuses a relative one such as ``runs/x``)."""
+    if "://" in path:
+        return path
+    return str(Path(path).expanduser().absolute())
+
+
 @dataclass
 class StageOutcome:
     stage: str
@@ -154,7 +162,7 @@ class ActorTrainer:
         self.preset = resolve_preset(config, preset)
         self.progress = progress
         self.workers, self.use_gpu, self.resources = scaling_for(config, actor)
-        self.storage = (
+        self.storage = _storage_path(
             f"{config.checkpoint_storage.rstrip('/')}/{actor}" if config.checkpoint_storage else str(self.dir / "checkpoints")
         )
 

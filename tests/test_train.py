@@ -377,3 +377,15 @@ def test_checkpoint_storage_is_absolute_or_a_uri(tmp_path: Path, monkeypatch: py
     assert _storage_path("runs/demo/train/a/checkpoints") == str(tmp_path / "runs/demo/train/a/checkpoints")
     assert _storage_path("s3://bucket/ckpt/a") == "s3://bucket/ckpt/a"
     assert _storage_path("/abs/ckpt") == "/abs/ckpt"
+
+
+def test_only_small_local_actors_repeat_their_rows_within_an_epoch(tmp_path: Path) -> None:
+    """Passes > 1 keep the train rows in the object store: local files up to REPEAT_MAX_BYTES only."""
+    from consistent_avatar.training.actor import REPEAT_MAX_BYTES, _local_bytes
+
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    a.write_bytes(b"x" * 10)
+    b.write_bytes(b"y" * 5)
+    assert _local_bytes([str(a), str(b)]) == 15 <= REPEAT_MAX_BYTES
+    assert _local_bytes([str(a), "s3://bucket/b.parquet"]) is None
+    assert _local_bytes([str(tmp_path / "gone.parquet")]) is None and _local_bytes([]) is None

@@ -32,6 +32,7 @@ import os
 import shutil
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,24 @@ EXPORT_FILE = "export.json"
 #: micro-batches per worker (or the whole stage); MAX_PASSES bounds the listing for huge runs.
 MIN_EPOCH_BATCHES = 1024
 MAX_PASSES = 64
+#: Several passes per epoch hold the actor's train rows in the object store for the stage (once:
+#: the passes reference the same blocks), so they are used only for actors whose shard files are at
+#: most this size; a larger actor's epochs are long enough for the restart not to matter.
+REPEAT_MAX_BYTES = 1 << 30
 BUNDLES_DIR = "bundles"
+
+
+def _local_bytes(files: Sequence[str]) -> int | None:
+    """Total size of local files; None if any is not a local file (a URI, or gone)."""
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        path = Path(f)
+        if "://" in str(f) or not path.is_file():
+            return None
+        total += path.stat().st_size
+    return total
 
 
 def _storage_path(path: str) -> str:
@@ -243,7 +261,7 @@ class ActorTrainer:
             ),
             datasets={
                 "train": train_dataset(
-                    files, columns, num_cpus=self.config.data.read_cpus, passes=self._passes(cfg, data.train_frames)
+                    files, columns, num_cpus=self.config.data.read_cpus, passes=self._passes(cfg, data.train_frames, files)
                 )
             },
         )
@@ -284,9 +302,12 @@ class ActorTrainer:
         atomic_write_json(done, asdict(outcome))
         return outcome
 
-    def _passes(self, cfg: Any, rows: int) -> int:
+    def _passes(self, cfg: Any, rows: int, files: Sequence[str] = ()) -> int:
         """Passes over the files per epoch: an epoch holds at least ``MIN_EPOCH_BATCHES`` micro-batches
-        per worker, or the whole run."""
+        per worker, or the whole run — for actors of at most ``REPEAT_MAX_BYTES`` of local shard files."""
+        size = _local_bytes(files)
+        if size is None or size > REPEAT_MAX_BYTES:
+            return 1
         micro, accum = cfg.split(self.workers)
         per_pass = max(1, rows // self.workers // micro)
         needed = min(cfg.iterations * accum, MIN_EPOCH_BATCHES)

@@ -13,7 +13,6 @@ the VAE stage gets ``images``. Every decode error names the actor, the frame and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -216,12 +215,6 @@ class StageCollate(NumpyBatchCollateFn):
         return out
 
 
-def _repeat_block(block: pa.Table, times: int) -> Iterator[pa.Table]:
-    """Ray Data UDF: the block ``times`` times (each yield becomes an output block of its own)."""
-    for _ in range(times):
-        yield block
-
-
 def train_dataset(
     files: list[str] | tuple[str, ...], columns: list[str], *, num_cpus: float = 0.25, passes: int = 1
 ) -> Any:
@@ -230,9 +223,11 @@ def train_dataset(
     Reads take a fraction of a CPU: the trainers' placement groups hold most CPUs, and parquet reads
     of a few files are I/O, not compute; a whole CPU per read task could starve them of a slot.
     ``passes`` > 1 makes one epoch of a short actor span several passes over its rows: every epoch
-    restarts the streaming pipeline (seconds), which should not happen every few batches. Each read
-    block is emitted ``passes`` times (one read; ``read_parquet`` lists a path given twice only
-    once, and a union of reads starts one operator chain per pass, far slower than the restarts).
+    restarts the streaming pipeline (seconds), which should not happen every few batches. The rows
+    are then read once into the object store and the epoch is a union of references to those same
+    blocks (no copies); the caller keeps that to small actors (:data:`.actor.REPEAT_MAX_BYTES`).
+    ``read_parquet`` of a path listed twice reads it once, and a union of independent reads starts
+    one operator chain per pass — both were tried and measured.
     """
     import ray.data
     from ray.data.expressions import col
@@ -241,9 +236,8 @@ def train_dataset(
     ds = ray.data.read_parquet(list(files), columns=cols, num_cpus=num_cpus)
     ds = ds.filter(expr=col("split") == "train", num_cpus=num_cpus)
     if passes > 1:
-        ds = ds.map_batches(
-            _repeat_block, fn_kwargs={"times": passes}, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus
-        )
+        base = ds.materialize()
+        ds = base.union(*([base] * (passes - 1)))
     ds = ds.randomize_block_order()
     # The streaming executor of a training run lives as long as the stage; its per-operator bars
     # would interleave with `cavatar train`'s own progress board, which already shows steps/s.

@@ -571,6 +571,11 @@ def test_a_compiled_renderer_pads_short_units_to_its_batch_size(
         d = out / "full" / "actor_000" / "frames"
         assert sorted(p.name for p in d.glob("*.png")) == [f"{f:06d}.png" for f in frames]
         images[compiled] = [decode_png((d / f"{f:06d}.png").read_bytes()).astype(int) for f in frames]
+        parts = pq.read_table(list((out / "full" / "actor_000").glob("outputs-*.parquet")))
+        total = json.loads(parts["timings"][0].as_py())["total"]
+        call = 5 if compiled else 3  # a padded call is booked per frame of the call, not per real frame
+        assert parts["batch_size"].to_pylist() == [call] * 3
+        assert parts["seconds"].to_pylist() == pytest.approx([total / call] * 3)
     assert batches == [3, 5]
     for plain, padded in zip(images[False], images[True]):
         assert np.abs(plain - padded).max() <= 1  # same noise per frame; only batch-size rounding differs

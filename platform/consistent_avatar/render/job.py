@@ -383,7 +383,7 @@ class FrameRenderer:
             t0 = time.perf_counter()
             r = self.spec.actors[actor].resolution
             images = np.zeros((0, 3, r, r), dtype=np.uint8)
-            timings, sampler, steps, seeds = "{}", "", 0, "[]"
+            timings, sampler, steps, seeds, call_batch = "{}", "", 0, "[]", 0
             if not error:
                 try:
                     inputs = {k: batch[k][i] for k in _PAYLOAD}
@@ -392,6 +392,7 @@ class FrameRenderer:
                     sampler = str(result.settings["sampler"])
                     steps = int(result.settings["num_steps"])
                     seeds = json.dumps(used)
+                    call_batch = int(result.settings["batch"])  # with padding under --compile: > len(frames)
                 except Exception as exc:  # isolate the actor: report, never fail the whole job
                     error = _unit_error(exc)
             out["row"].append(row)
@@ -404,6 +405,7 @@ class FrameRenderer:
             out["sampler"].append(sampler)
             out["steps"].append(steps)
             out["seeds"].append(seeds)
+            out["call_batch"].append(call_batch)
         return {k: _column(v) for k, v in out.items()}
 
 
@@ -430,6 +432,7 @@ def write_units(batch: Mapping[str, Any], spec: JobSpec) -> dict[str, np.ndarray
                     steps=int(batch["steps"][i]),
                     seeds=json.loads(str(batch["seeds"][i])),
                     settings=plan.rows[row].settings,
+                    call_batch=int(batch["call_batch"][i]) if "call_batch" in batch else None,
                 )
                 done = len(frames)
             except Exception as exc:  # isolate the unit: report, never fail the whole job

@@ -107,10 +107,14 @@ def write_batch(
     steps: int,
     seeds: Sequence[int],
     settings: Mapping[str, Any],
+    call_batch: int | None = None,
 ) -> Path:
     """Write one rendered batch: its PNGs (each atomically), then one parquet part of its rows.
 
-    ``images``: (B, H, W, 3) uint8 RGB in the order of ``frames``. Returns the part's path.
+    ``images``: (B, H, W, 3) uint8 RGB in the order of ``frames``. ``call_batch``: the frames the
+    network call really ran when it was padded (``--compile``); ``seconds`` is the call's time per
+    frame of the call and ``batch_size`` that size, so a padded call is not booked at the cost of a
+    bigger batch per real frame. Returns the part's path.
     """
     b = len(frames)
     if images.shape[0] != b or images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -118,6 +122,7 @@ def write_batch(
     for f, img in zip(frames, images):
         atomic_write_bytes(frame_png(out, row, actor, f), encode_png(img, compression=3))
     total = float(timings.get("total", 0.0))
+    per_call = max(b, int(call_batch or 0))
     table = pa.Table.from_pydict(
         {
             "actor": [actor] * b,
@@ -125,8 +130,8 @@ def write_batch(
             "row": [row] * b,
             "split": list(splits),
             "png": [png_relpath(row, actor, f) for f in frames],
-            "seconds": np.full(b, total / b, dtype=np.float64),
-            "batch_size": np.full(b, b, dtype=np.int32),
+            "seconds": np.full(b, total / per_call, dtype=np.float64),
+            "batch_size": np.full(b, per_call, dtype=np.int32),
             "timings": [json.dumps({k: float(v) for k, v in timings.items()}, sort_keys=True)] * b,
             "sampler": [sampler] * b,
             "steps": np.full(b, steps, dtype=np.int32),

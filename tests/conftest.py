@@ -11,6 +11,14 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_torch_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """An empty torch hub cache for the whole session: LPIPS/RAFT weights in a developer's own cache
+    would otherwise change what the evaluation tests compute (``--flow auto`` picks RAFT when present).
+    Tests that need weights put them in a TORCH_HOME of their own."""
+    os.environ["TORCH_HOME"] = str(tmp_path_factory.mktemp("torch_home"))
+
+
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
     """A local Ray with 2 CPUs, shared by every test of the session (starting Ray costs seconds)."""

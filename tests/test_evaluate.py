@@ -142,6 +142,8 @@ def test_metrics_json_values(evaluated: tuple[Path, dict], shards: Path) -> None
     assert set(m["rows"]) == {"full", "baseline", "without_normal", "coarse"}
     assert m["command"] and m["machine"]["cpus"] and m["created_at"]
     assert m["render"]["command"].startswith("cavatar render")
+    flow = m["components"]["flow"]  # the default --flow auto, without RAFT weights (empty TORCH_HOME)
+    assert flow["estimator"] == "farneback" and flow["choice"].startswith("auto: Farneback")
 
     full = m["rows"]["full"]
     for actor in ACTORS:

@@ -195,5 +195,8 @@ def test_auto_flow_takes_raft_only_when_its_weights_are_on_disk(tmp_path, monkey
     torch.save(raft_small(weights=None).state_dict(), ckpt)  # random weights: a loading test only
     flow, note = choose_flow("auto", device="cpu")
     assert isinstance(flow, RAFTFlow) and flow.available and str(ckpt) in note
+    ckpt.write_bytes(b"not a checkpoint")  # there but unloadable: auto keeps the flow metrics with Farneback
+    flow, note = choose_flow("auto", device="cpu")
+    assert isinstance(flow, FarnebackFlow) and "could not load" in note
     with pytest.raises(ConsistentAvatarError, match="flow method"):
         choose_flow("lucas-kanade")

@@ -1032,7 +1032,11 @@ def evaluate(
     run_path = Path(run).expanduser().absolute()
     out_path = Path(out).expanduser().absolute() if out is not None else run_path / "eval"
     plan = _plan(run_path, config)
+    from .temporal import RAFTFlow
+
     comp = _Components(config, plan)
+    # worker processes build their own estimators: hand them the method chosen here, not "auto" again
+    config = config.model_copy(update={"flow": "raft" if isinstance(comp.flow, RAFTFlow) else "farneback"})
     strip_row = _strip_row(plan.rows)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     log.info("evaluate: %d row(s) × %d actor(s) of %s (%s split) against %s", len(plan.rows), len(plan.actors),

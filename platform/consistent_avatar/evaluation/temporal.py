@@ -361,8 +361,8 @@ def choose_flow(
 ) -> tuple[Any, str]:
     """The flow estimator for ``method`` and a note saying why it was chosen.
 
-    ``auto`` (the default of ``cavatar evaluate``): RAFT (small) when its checkpoint is on disk,
-    Farneback otherwise — the note then says which file would enable RAFT. ``raft`` asks for RAFT
+    ``auto`` (the default of ``cavatar evaluate``): RAFT (small) when its checkpoint is on disk and
+    loads, Farneback otherwise — the note then says which file would enable RAFT, or why it did not load. ``raft`` asks for RAFT
     only: without weights its metrics are reported unavailable, never replaced by Farneback's.
     """
     if method == "farneback":
@@ -373,5 +373,10 @@ def choose_flow(
     if method == "raft":
         return raft, "raft: asked for"
     if raft.available:
-        return raft, f"auto: RAFT, its weights are at {raft.weights_path}"
+        try:
+            raft.load()  # a file that is there but does not load must not cost the flow metrics
+        except MetricUnavailableError:
+            pass
+        else:
+            return raft, f"auto: RAFT, its weights are at {raft.weights_path}"
     return FarnebackFlow(), f"auto: Farneback, as RAFT is unavailable ({raft.reason})"

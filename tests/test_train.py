@@ -389,3 +389,12 @@ def test_only_small_local_actors_repeat_their_rows_within_an_epoch(tmp_path: Pat
     assert _local_bytes([str(a), str(b)]) == 15 <= REPEAT_MAX_BYTES
     assert _local_bytes([str(a), "s3://bucket/b.parquet"]) is None
     assert _local_bytes([str(tmp_path / "gone.parquet")]) is None and _local_bytes([]) is None
+
+
+def test_train_paths_are_made_absolute_for_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train workers run elsewhere: `cavatar train --shards runs/x/shards` must reach them absolute."""
+    from consistent_avatar.training.many import _absolute
+
+    monkeypatch.chdir(tmp_path)
+    assert _absolute("runs/demo/shards") == tmp_path / "runs/demo/shards"
+    assert _absolute("gs://bucket/shards") == "gs://bucket/shards"

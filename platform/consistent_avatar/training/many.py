@@ -100,6 +100,13 @@ def _run_actor(shards: str, actor: str, config_json: dict[str, Any], out: str, p
     return ActorTrainer(shards, actor, config, out, preset=preset, progress=board).run()
 
 
+def _absolute(path: str | Path) -> str | Path:
+    """A URI as given; a local path made absolute."""
+    if "://" in str(path):
+        return path
+    return Path(path).expanduser().absolute()
+
+
 def train_many(
     shards: str | Path,
     actors: list[str],
@@ -119,7 +126,8 @@ def train_many(
     from .progress import ProgressBar, ProgressBoard
 
     t0 = time.perf_counter()
-    out = Path(out)
+    shards = _absolute(shards)
+    out = Path(out).expanduser().absolute()
     capacity = {k: float(v) for k, v in ray.cluster_resources().items()}
     demands = {a: trainer_demand(config, a) for a in actors}
     for actor, demand in demands.items():
@@ -207,8 +215,11 @@ def train(
     if preset:
         config = config.model_copy(update={"preset": preset})
     resolve_preset(config)  # fail fast on a bad preset, before any cluster work
+    # Ray Train workers do not run in this process's working directory: relative paths would be
+    # resolved against theirs ("runs/demo/shards/...: FileNotFoundError" inside the trainer)
+    shards = _absolute(shards)
     names = check_actors(shards, actors)
-    out = Path(out)
+    out = Path(out).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)
     if force:
         _remove_runs(out, names, config)

@@ -536,6 +536,99 @@ def test_the_pool_leaves_cpus_for_the_load_and_write_tasks() -> None:
     assert (res.actor_cpus, res.actor_gpus) == (1.0, 1)
 
 
+def _fake_cluster(monkeypatch, *nodes: tuple[float, float], dead: tuple[float, float] | None = None) -> None:
+    """Make ``ray.nodes`` / ``ray.cluster_resources`` describe alive nodes of (CPUs, GPUs)."""
+    import ray
+
+    listed = [{"Alive": True, "Resources": {"CPU": c, **({"GPU": g} if g else {})}} for c, g in nodes]
+    if dead:
+        listed.append({"Alive": False, "Resources": {"CPU": dead[0], "GPU": dead[1]}})
+    total = {"CPU": float(sum(c for c, _ in nodes)), "GPU": float(sum(g for _, g in nodes))}
+    monkeypatch.setattr(ray, "nodes", lambda: listed)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {k: v for k, v in total.items() if v})
+
+
+def _left_per_node(res: render_job._Resources, nodes: list[tuple[float, float]]) -> list[float]:
+    """CPUs each node keeps free when Ray packs onto it as many pool actors as fit there."""
+    size = int(res.pool.max_size)
+    left = []
+    for cpus, gpus in nodes:
+        fit = int(round(cpus * 1e4) // round(res.actor_cpus * 1e4))
+        if res.actor_gpus:
+            fit = min(fit, int(gpus // res.actor_gpus))
+        left.append(cpus - min(fit, size) * res.actor_cpus)
+    return left
+
+
+def test_the_io_reserve_holds_on_every_node(monkeypatch) -> None:
+    """Ray places pool actors node by node: on 3 nodes of 2 CPUs the default CPU pool (6 actors) must
+    leave a load and a write task's CPUs on each node, not 0.2 CPU over the whole cluster."""
+    nodes = [(2.0, 0.0)] * 3
+    _fake_cluster(monkeypatch, *nodes, dead=(64.0, 8.0))
+    res = render_job._resources(RenderConfig(), units=10)
+    assert (res.pool.max_size, res.actor_cpus, res.io_tasks) == (6, 0.9, 6)
+    assert all(left >= 2 * res.io_cpus - 1e-9 for left in _left_per_node(res, nodes))
+    # a 0-CPU head node holds no actor and changes nothing
+    _fake_cluster(monkeypatch, (0.0, 0.0), *nodes)
+    assert render_job._resources(RenderConfig(), units=10).actor_cpus == 0.9
+    # more actors than the nodes hold at 0.9: an equal share that fits them all, per node
+    res = render_job._resources(RenderConfig(concurrency=9), units=10)
+    assert res.actor_cpus == 0.6
+    assert all(left >= 0.2 - 1e-9 for left in _left_per_node(res, nodes))
+    # uneven nodes: the big node, packed at the small node's share, still keeps the reserve
+    nodes = [(2.0, 0.0), (64.0, 0.0)]
+    _fake_cluster(monkeypatch, *nodes)
+    res = render_job._resources(RenderConfig(), units=100)
+    assert res.pool.max_size == 66
+    assert all(left >= 0.2 - 1e-9 for left in _left_per_node(res, nodes))
+    # no node can hold an actor and the reserve: a fixed pool is refused, naming what to change
+    _fake_cluster(monkeypatch, (0.2, 0.0), (0.2, 0.0))
+    with pytest.raises(ConsistentAvatarError, match="--cpus-per-actor or --io-cpus"):
+        render_job._resources(RenderConfig(concurrency=2), units=10)
+
+
+def test_a_gpu_pool_leaves_each_gpu_node_cpus_for_the_io_tasks(monkeypatch) -> None:
+    """4 nodes × 8 GPUs × 8 CPUs (and a CPU-only head): 32 actors of 1 GPU; 1 CPU each would take
+    every CPU of a GPU node, so each asks for an equal share of the node's CPUs less the reserve."""
+    nodes = [(8.0, 8.0)] * 4
+    _fake_cluster(monkeypatch, (4.0, 0.0), *nodes)
+    res = render_job._resources(RenderConfig.build(num_gpus_per_actor=1), units=100)
+    assert (res.pool.max_size, res.actor_cpus, res.actor_gpus, res.io_tasks) == (32, 0.975, 1, 36)
+    assert all(left >= 0.2 - 1e-9 for left in _left_per_node(res, nodes))
+    # --cpus-per-actor 4 cannot give 8 actors per node 4 CPUs each: the same share
+    res = render_job._resources(RenderConfig.build(num_gpus_per_actor=1, num_cpus_per_actor=4), units=100)
+    assert res.actor_cpus == 0.975
+    # 2 GPUs per actor: 4 actors per node, 1 CPU each leaves 4
+    res = render_job._resources(RenderConfig.build(num_gpus_per_actor=2), units=100)
+    assert (res.pool.max_size, res.actor_cpus) == (16, 1.0)
+
+
+def test_a_pool_waiting_for_the_autoscaler_leaves_the_io_tasks_to_ray_data(monkeypatch) -> None:
+    """A GPU pool waiting for GPU nodes, or a MIN:MAX pool: the I/O task count is not pinned to the
+    CPUs present at submit time, and nothing is refused up front."""
+    # a 0-CPU head, no GPU yet: the actors ask for what they were told, the I/O tasks are Ray Data's
+    _fake_cluster(monkeypatch, (0.0, 0.0))
+    res = render_job._resources(RenderConfig.build(num_gpus_per_actor=1, concurrency=4), units=10)
+    assert (res.pool.max_size, res.actor_cpus, res.actor_gpus, res.io_tasks) == (4, 1.0, 1, None)
+    res = render_job._resources(RenderConfig.build(num_gpus_per_actor=1, concurrency=(1, 4)), units=10)
+    assert (res.pool.min_size, res.pool.max_size, res.io_tasks) == (1, 4, None)
+    # a CPU pool MIN:MAX on a cluster that scales CPU nodes: it waits, it is not refused
+    res = render_job._resources(RenderConfig(concurrency=(1, 4)), units=10)
+    assert (res.pool.max_size, res.actor_cpus, res.io_tasks) == (4, 1.0, None)
+    with pytest.raises(ConsistentAvatarError, match="not enough for 4 pool actor"):
+        render_job._resources(RenderConfig(concurrency=4), units=10)
+    # one small GPU node already there: its actor still leaves the reserve; the pool need not fit now
+    nodes = [(1.0, 1.0)]
+    _fake_cluster(monkeypatch, (2.0, 0.0), *nodes)
+    res = render_job._resources(RenderConfig.build(num_gpus_per_actor=1, concurrency=4), units=10)
+    assert (res.actor_cpus, res.io_tasks) == (0.8, None)
+    assert all(left >= 0.2 - 1e-9 for left in _left_per_node(res, nodes))
+    # a CPU MIN:MAX pool keeps the per-node reserve on the nodes it has, but is not shrunk to fit now
+    _fake_cluster(monkeypatch, (2.0, 0.0))
+    res = render_job._resources(RenderConfig(concurrency=(1, 8)), units=10)
+    assert (res.pool.max_size, res.actor_cpus, res.io_tasks) == (8, 0.9, None)
+
+
 def test_a_compiled_renderer_pads_short_units_to_its_batch_size(
     shards: Path, bundles: Path, tmp_path: Path, monkeypatch
 ) -> None:

@@ -34,14 +34,20 @@ What :func:`render` does, in order:
    unscheduled and the job hanging. Each I/O task asks for ``io_cpus`` (default 0.1: it is short
    and single-threaded, and a small fraction lets Ray Data run several beside a pool that takes
    nearly every CPU; 0.25 rendered measurably slower on 2 cores), at most one task per cluster CPU
-   per stage, and the pool leaves at least ``2 × io_cpus`` of the cluster's CPUs free: one load and
-   one write task. A GPU pool is sized by the GPUs and each actor asks for its GPU(s) plus
-   ``num_cpus_per_actor`` (default 1): on a GPU host the other cores are the I/O tasks'. A CPU pool
-   keeps one actor per CPU, each still running ``num_cpus_per_actor`` torch threads, but when the
-   pool would take the CPUs the reserve needs, each actor asks Ray for an equal share of what is left
-   after it — on the 2-CPU local default, 2 actors × 0.9 CPU beside 0.2 for the tasks. That share is
-   what the I/O used to cost inside the pool actor, now spent by the tasks instead; the alternative,
-   a pool one actor smaller, would leave a whole core to the little I/O of a CPU render. See
+   per stage. Ray places actors node by node, so the reserve is kept **per node**: a pool actor asks
+   for its GPU(s) and ``num_cpus_per_actor`` (default 1) CPUs, or for the largest equal share under
+   which every node with more than ``2 × io_cpus`` CPUs keeps ``2 × io_cpus`` free (one load and one
+   write task) with as many actors as Ray can put on it (by its CPUs and GPUs), and under which the
+   cluster holds the whole pool now. A CPU pool keeps one actor per CPU, each still running
+   ``num_cpus_per_actor`` torch threads: on the 2-CPU local default 2 actors × 0.9 CPU beside 0.2 for
+   the tasks, and on 3 nodes of 2 CPUs 6 × 0.9, 0.2 left on each node. A GPU actor whose
+   ``num_cpus_per_actor`` would take a node's every CPU is shrunk the same way (8 GPUs and 8 CPUs a
+   node: 0.975 CPU an actor). That share is what the I/O used to cost inside the pool actor, now
+   spent by the tasks instead; the alternative, a pool one actor smaller, would leave a whole core to
+   the little I/O of a CPU render. A pool that may grow later (``concurrency`` MIN:MAX, or a GPU pool
+   waiting for an autoscaler's GPU nodes) need not fit now and leaves the I/O task count to Ray Data;
+   if no node present can hold an actor it keeps ``num_cpus_per_actor`` (nodes the autoscaler adds
+   must leave ``2 × io_cpus`` themselves). A fixed pool that fits on no node is refused. See
    :func:`_resources`.
 4. **Finish**: per (row, actor) merge the parts into ``outputs.parquet``; write the side-by-side mp4
    (Ray tasks, one per video) once every frame exists; rewrite ``render_manifest.json``.
@@ -836,18 +842,83 @@ class _Resources:
     actor_cpus: float
     actor_gpus: float
     io_cpus: float
-    io_tasks: int  # at most this many load (and as many write) tasks at a time
+    io_tasks: int | None  # at most this many load (and as many write) tasks at a time; None: Ray Data's choice
+
+
+_UNIT = 10_000  # Ray counts CPUs and GPUs in 1e-4 steps
+
+
+def _nodes() -> list[tuple[int, int]]:
+    """(CPUs, GPUs) of each alive node of the Ray cluster, in Ray's 1e-4 units."""
+    import ray
+
+    out = []
+    for node in ray.nodes():
+        if node.get("Alive", node.get("alive", True)):
+            res = node.get("Resources") or {}
+            out.append((round(float(res.get("CPU", 0.0)) * _UNIT), round(float(res.get("GPU", 0.0)) * _UNIT)))
+    return out
+
+
+def _actor_share(
+    nodes: list[tuple[int, int]], size: int, cpus: float, gpus: float, reserve: float, all_now: bool
+) -> float | None:
+    """The largest CPU request per pool actor, at most ``cpus``, under which every node that has more
+    than ``reserve`` CPUs keeps ``reserve`` of them free however many actors Ray packs onto it (the
+    most that fit there by CPUs and GPUs, at most ``size``), and — when ``all_now`` — the cluster
+    holds all ``size`` actors now. None when no share does."""
+    import heapq
+
+    want, res_u, gpu_u = round(cpus * _UNIT), round(reserve * _UNIT), round(gpus * _UNIT)
+    eligible = []
+    for cpu_n, gpu_n in nodes:
+        gpu_fit = size if not gpu_u else min(size, gpu_n // gpu_u)
+        if cpu_n > res_u and gpu_fit > 0:
+            eligible.append((cpu_n, gpu_fit))
+    if not eligible:
+        return None
+
+    def fits(share: int) -> bool:
+        held = 0
+        for cpu_n, gpu_fit in eligible:
+            placed = min(gpu_fit, cpu_n // share)  # what Ray may place on the node at this share
+            if cpu_n - placed * share < res_u:
+                return False
+            held += placed
+        return held >= size or not all_now
+
+    # The best share is the request itself or one that fills a node exactly up to its reserve:
+    # (cpu_n - reserve) / k for k actors on node n. Try them from the largest down.
+    def candidates(cpu_n: int, gpu_fit: int) -> Iterator[int]:
+        for k in range(1, gpu_fit + 1):
+            yield -((cpu_n - res_u) // k)
+
+    seen = 0
+    for neg in heapq.merge([-want], *(candidates(c, g) for c, g in eligible)):
+        share = -neg
+        if share <= 0:
+            break
+        if share > want or share == seen:
+            continue
+        seen = share
+        if fits(share):
+            return share / _UNIT
+    return None
 
 
 def _resources(config: RenderConfig, units: int) -> _Resources:
     """Size the pool and the I/O stages so that they fit together (see the module docstring).
 
     Pool actors hold their CPUs for the whole job; the load and write tasks can only run on CPUs no
-    pool actor holds. So the pool leaves at least ``2 × io_cpus`` of the cluster's CPUs free (one
-    load and one write task): a pool actor asks Ray for ``num_cpus_per_actor``, or for an equal share
-    of the CPUs left after that reserve when the pool would otherwise take them (its torch thread count
-    stays ``num_cpus_per_actor``). A GPU pool still waiting for an autoscaler's GPU nodes is not
-    shrunk (those nodes bring their own CPUs).
+    pool actor holds, and Ray places actors node by node. So a pool actor asks Ray for
+    ``num_cpus_per_actor`` CPUs, or less (its torch thread count stays ``num_cpus_per_actor``): the
+    largest share under which every node with more than ``2 × io_cpus`` CPUs keeps ``2 × io_cpus``
+    free (one load and one write task) with as many actors as Ray can put on it (by its CPUs and
+    GPUs, at most the pool size), and under which the cluster holds the whole pool now. A pool that
+    may grow later — ``--concurrency MIN:MAX``, or a GPU pool waiting for an autoscaler's GPU nodes —
+    need not fit now, and its I/O task count is left to Ray Data (nodes that join bring CPUs); when
+    no node present can hold an actor yet, it asks for ``num_cpus_per_actor`` and the nodes the
+    autoscaler adds must leave room for the I/O tasks themselves.
     """
     import ray
 
@@ -856,22 +927,35 @@ def _resources(config: RenderConfig, units: int) -> _Resources:
     resources = ray.cluster_resources()
     cpus = float(resources.get("CPU", 0.0))
     reserve = 2 * config.io_cpus
-    actor_cpus = config.num_cpus_per_actor
-    waiting = config.use_gpu and float(resources.get("GPU", 0.0)) < size * config.num_gpus_per_actor
-    if size * actor_cpus > cpus - reserve and not waiting:
-        share = math.floor((cpus - reserve) / size * 1e4 + 1e-6) / 1e4  # Ray counts CPUs in 1e-4 steps
-        if share <= 0:
+    gpus = config.num_gpus_per_actor if config.use_gpu else 0.0
+    waiting = bool(gpus) and float(resources.get("GPU", 0.0)) < size * gpus
+    growing = waiting or isinstance(config.concurrency, tuple)
+    share = _actor_share(_nodes(), size, config.num_cpus_per_actor, gpus, reserve, all_now=not growing)
+    if share is None:
+        if not growing:
             raise ConsistentAvatarError(
                 f"the Ray cluster has {cpus:g} CPU(s): not enough for {size} pool actor(s) and the load and "
-                f"write tasks ({config.io_cpus:g} CPU each): lower --concurrency or --io-cpus, or add CPUs"
+                f"write tasks ({config.io_cpus:g} CPU each) on any node (each node needs "
+                f"{reserve:g} CPU free beside its pool actors): lower --concurrency, --cpus-per-actor or "
+                "--io-cpus, or add CPUs"
             )
-        actor_cpus = share
-    io_tasks = max(2, math.ceil(cpus))  # a task decodes or encodes one PNG at a time: one core
-    if io_tasks == size and actor_cpus == config.io_cpus and not config.num_gpus_per_actor:
+        log.warning(
+            "no node of the Ray cluster can hold a pool actor (%g CPU%s) and the load and write tasks "
+            "(%g CPU) now: waiting for the autoscaler to add nodes; each must have more than %g CPU per "
+            "pool actor it holds plus %g for the I/O tasks",
+            config.num_cpus_per_actor, f", {gpus:g} GPU" if gpus else "", reserve,
+            config.num_cpus_per_actor, reserve,
+        )
+        share = config.num_cpus_per_actor
+    actor_cpus = share
+    # A task decodes or encodes one PNG at a time: one core. A pool that may grow leaves the count to
+    # Ray Data: the nodes that join bring CPUs.
+    io_tasks: int | None = None if growing else max(2, math.ceil(cpus))
+    if io_tasks in (None, size) and actor_cpus == config.io_cpus and not gpus:
         # Ray Data fuses a task stage into the actor pool after it when both ask for the same resources
-        # and the task pool is as large as the actor pool: loading would run inside the pool actors,
-        # serially again. One more I/O task keeps the stages apart.
-        io_tasks += 1
+        # and the task pool is unbounded or as large as the actor pool: loading would run inside the
+        # pool actors, serially again. A bound one above the pool keeps the stages apart.
+        io_tasks = size + 1
     return _Resources(pool, actor_cpus, config.num_gpus_per_actor, config.io_cpus, io_tasks)
 
 
@@ -982,13 +1066,14 @@ def _run_pool(
     res = _resources(config, len(units))
     io = ray.data.TaskPoolStrategy(size=res.io_tasks)
     shrunk = res.actor_cpus < config.num_cpus_per_actor
+    at_a_time = f"≤ {res.io_tasks} at a time" if res.io_tasks else "as many as Ray Data runs"
     log.info(
-        "render stages: load (%g CPU per task, ≤ %d at a time) → %s pool actor(s) (%g CPU%s each%s) → "
-        "write (%g CPU per task, ≤ %d at a time)",
-        res.io_cpus, res.io_tasks, _pool_size_text(res.pool), res.actor_cpus,
+        "render stages: load (%g CPU per task, %s) → %s pool actor(s) (%g CPU%s each%s) → "
+        "write (%g CPU per task, %s)",
+        res.io_cpus, at_a_time, _pool_size_text(res.pool), res.actor_cpus,
         f", {res.actor_gpus:g} GPU" if res.actor_gpus else "",
-        f", not {config.num_cpus_per_actor:g}: CPUs left for the I/O tasks" if shrunk else "",
-        res.io_cpus, res.io_tasks,
+        f", not {config.num_cpus_per_actor:g}: CPUs left for the I/O tasks on each node" if shrunk else "",
+        res.io_cpus, at_a_time,
     )
     # One unit per block and per batch at every stage: a unit is one pipeline call, and a unit that
     # failed somewhere is one result row.

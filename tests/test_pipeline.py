@@ -339,11 +339,16 @@ def test_to_bf16_and_back_to_another_pipeline(preset, models, emotions) -> None:
     assert out.frames.dtype == torch.float32 and bool(torch.isfinite(out.frames).all())
 
 
-def test_compile_keeps_the_outputs(preset, models, emotions) -> None:
+def own_students(preset, models, emotions) -> ConsistentAvatarPipeline:
+    """A pipeline over private copies of the LCM students (for tests that compile or re-layout them)."""
     own = {k: copy.deepcopy(models[k]) for k in ("lcm_tsdm", "lcm_fcsd")}
-    p = ConsistentAvatarPipeline(
+    return ConsistentAvatarPipeline(
         preset=preset, tsdm={"lcm": own["lcm_tsdm"]}, fcsd={"lcm": own["lcm_fcsd"]}, emotions=emotions
     )
+
+
+def test_compile_keeps_the_outputs(preset, models, emotions) -> None:
+    p = own_students(preset, models, emotions)
     x = inputs(preset, 12)
     eager = p(**x, num_steps=STEPS).frames
     p.compile(backend="eager", channels_last=True)  # dynamo tracing on CPU; inductor/CUDA graphs on GPU
@@ -353,10 +358,7 @@ def test_compile_keeps_the_outputs(preset, models, emotions) -> None:
 
 
 def test_channels_last_keeps_the_outputs_and_other_formats_are_refused(preset, models, emotions) -> None:
-    own = {k: copy.deepcopy(models[k]) for k in ("lcm_tsdm", "lcm_fcsd")}
-    p = ConsistentAvatarPipeline(
-        preset=preset, tsdm={"lcm": own["lcm_tsdm"]}, fcsd={"lcm": own["lcm_fcsd"]}, emotions=emotions
-    )
+    p = own_students(preset, models, emotions)
     x = inputs(preset, 13)
     plain = p(**x, num_steps=STEPS).frames
     p.to(memory_format=torch.channels_last)

@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         (
             "batch × steps, pool actors",
             f"{args.batch_size} × {r['steps']}, {pool_size} (× {res.actor_cpus:g} CPU; I/O tasks "
-            f"{res.io_cpus:g} CPU, ≤ {res.io_tasks} per stage)",
+            f"{res.io_cpus:g} CPU, " + (f"≤ {res.io_tasks} per stage)" if res.io_tasks else "as many as Ray Data runs)"),
         ),
         ("frames (actors × frames)", f"{frames} ({len(names)} × {args.frames}, split {args.split})"),
         ("wall, render() call", f"{wall:.2f} s → {r['frames_per_s']:.2f} frames/s end to end"),

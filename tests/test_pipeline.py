@@ -357,6 +357,26 @@ def test_compile_keeps_the_outputs(preset, models, emotions) -> None:
     torch.testing.assert_close(p(**x, num_steps=STEPS).frames, eager, atol=1e-5, rtol=0)
 
 
+def test_compile_auto_means_cuda_graphs_and_channels_last_on_a_gpu_only(preset, models, emotions, monkeypatch) -> None:
+    calls: list[dict] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    p = own_students(preset, models, emotions)
+    formats: list[object] = []
+    monkeypatch.setattr(p, "to", lambda *a, memory_format=None, **k: formats.append(memory_format) or p)
+    p.compile()  # on the CPU: inductor's default mode, weights left as they are
+    assert calls and all(kw == {"backend": "inductor", "fullgraph": False, "dynamic": False} for kw in calls)
+    assert formats == []
+    calls.clear()
+    p._device = torch.device("cuda")  # option resolution only: nothing runs
+    p.compile()
+    assert calls and all(kw["mode"] == "reduce-overhead" for kw in calls) and formats == [torch.channels_last]
+    vaes = len({id(p.tsdm["lcm"].vae), id(p.fcsd["lcm"].vae)})
+    assert len(calls) == 3 + 2 * vaes  # TSDM UNet, FCSD ControlNet + UNet, each distinct VAE's encoder and decoder
+    calls.clear()
+    p.compile(mode="max-autotune-no-cudagraphs", channels_last=False, vae=False)
+    assert [kw["mode"] for kw in calls] == ["max-autotune-no-cudagraphs"] * 3 and formats == [torch.channels_last]
+
+
 def test_channels_last_keeps_the_outputs_and_other_formats_are_refused(preset, models, emotions) -> None:
     p = own_students(preset, models, emotions)
     x = inputs(preset, 13)

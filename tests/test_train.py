@@ -368,15 +368,17 @@ def test_two_actors_train_at_once_and_a_broken_one_fails_alone(shards: Path, tmp
     assert vae.config.latent_channels == 4
 
 
-def test_checkpoint_storage_is_absolute_or_a_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ray Train refuses a relative storage_path ("URI has empty scheme"): `cavatar train --out runs/x`
-    must still work."""
-    from consistent_avatar.training.actor import _storage_path
+def test_trainer_paths_are_absolute_or_uris(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train refuses a relative storage_path ("URI has empty scheme") and its workers resolve relative
+    shard paths against their own working directory: `cavatar train --out runs/x` must still work."""
+    from consistent_avatar.training.actor import absolute_or_uri
 
     monkeypatch.chdir(tmp_path)
-    assert _storage_path("runs/demo/train/a/checkpoints") == str(tmp_path / "runs/demo/train/a/checkpoints")
-    assert _storage_path("s3://bucket/ckpt/a") == "s3://bucket/ckpt/a"
-    assert _storage_path("/abs/ckpt") == "/abs/ckpt"
+    assert absolute_or_uri("runs/demo/train/a/checkpoints") == str(tmp_path / "runs/demo/train/a/checkpoints")
+    assert absolute_or_uri(Path("runs/demo/shards")) == str(tmp_path / "runs/demo/shards")
+    assert absolute_or_uri("s3://bucket/ckpt/a") == "s3://bucket/ckpt/a"
+    assert absolute_or_uri("gs://bucket/shards") == "gs://bucket/shards"
+    assert absolute_or_uri("/abs/ckpt") == "/abs/ckpt"
 
 
 def test_only_small_local_actors_repeat_their_rows_within_an_epoch(tmp_path: Path) -> None:
@@ -389,12 +391,3 @@ def test_only_small_local_actors_repeat_their_rows_within_an_epoch(tmp_path: Pat
     assert _local_bytes([str(a), str(b)]) == 15 <= REPEAT_MAX_BYTES
     assert _local_bytes([str(a), "s3://bucket/b.parquet"]) is None
     assert _local_bytes([str(tmp_path / "gone.parquet")]) is None and _local_bytes([]) is None
-
-
-def test_train_paths_are_made_absolute_for_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ray Train workers run elsewhere: `cavatar train --shards runs/x/shards` must reach them absolute."""
-    from consistent_avatar.training.many import _absolute
-
-    monkeypatch.chdir(tmp_path)
-    assert _absolute("runs/demo/shards") == tmp_path / "runs/demo/shards"
-    assert _absolute("gs://bucket/shards") == "gs://bucket/shards"

@@ -79,12 +79,14 @@ def _local_bytes(files: Sequence[str]) -> int | None:
     return total
 
 
-def _storage_path(path: str) -> str:
-    """A Ray Train ``storage_path``: URIs as given, local paths made absolute (Ray Train hands the
-    path to ``pyarrow.fs.FileSystem.from_uri``, which refuses a relative one such as ``runs/x``)."""
-    if "://" in path:
-        return path
-    return str(Path(path).expanduser().absolute())
+def absolute_or_uri(path: str | os.PathLike[str]) -> str:
+    """A URI as given; a local path made absolute. Ray Train hands ``storage_path`` to
+    ``pyarrow.fs.FileSystem.from_uri`` (which refuses ``runs/x``), and its workers do not run in this
+    process's working directory, so every path a trainer receives goes through here."""
+    text = os.fspath(path)
+    if "://" in text:
+        return text
+    return str(Path(text).expanduser().absolute())
 
 
 @dataclass
@@ -180,7 +182,7 @@ class ActorTrainer:
         self.preset = resolve_preset(config, preset)
         self.progress = progress
         self.workers, self.use_gpu, self.resources = scaling_for(config, actor)
-        self.storage = _storage_path(
+        self.storage = absolute_or_uri(
             f"{config.checkpoint_storage.rstrip('/')}/{actor}" if config.checkpoint_storage else str(self.dir / "checkpoints")
         )
 

@@ -25,7 +25,7 @@ from typing import Any
 import ray
 
 from ..errors import ConsistentAvatarError
-from .actor import ActorOutcome, ActorTrainer, resolve_preset, scaling_for
+from .actor import ActorOutcome, ActorTrainer, absolute_or_uri, resolve_preset, scaling_for
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -100,13 +100,6 @@ def _run_actor(shards: str, actor: str, config_json: dict[str, Any], out: str, p
     return ActorTrainer(shards, actor, config, out, preset=preset, progress=board).run()
 
 
-def _absolute(path: str | Path) -> str | Path:
-    """A URI as given; a local path made absolute."""
-    if "://" in str(path):
-        return path
-    return Path(path).expanduser().absolute()
-
-
 def train_many(
     shards: str | Path,
     actors: list[str],
@@ -126,7 +119,7 @@ def train_many(
     from .progress import ProgressBar, ProgressBoard
 
     t0 = time.perf_counter()
-    shards = _absolute(shards)
+    shards = absolute_or_uri(shards)
     out = Path(out).expanduser().absolute()
     capacity = {k: float(v) for k, v in ray.cluster_resources().items()}
     demands = {a: trainer_demand(config, a) for a in actors}
@@ -215,9 +208,7 @@ def train(
     if preset:
         config = config.model_copy(update={"preset": preset})
     resolve_preset(config)  # fail fast on a bad preset, before any cluster work
-    # Ray Train workers do not run in this process's working directory: relative paths would be
-    # resolved against theirs ("runs/demo/shards/...: FileNotFoundError" inside the trainer)
-    shards = _absolute(shards)
+    shards = absolute_or_uri(shards)
     names = check_actors(shards, actors)
     out = Path(out).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)

@@ -186,11 +186,8 @@ def components(pipe: Any, device: torch.device, batch: int, args: argparse.Names
 
 
 def profile_call(pipe: Any, device: torch.device, steps: int, batch: int, args: argparse.Namespace) -> dict[str, Any]:
-    """One (already warm) call under torch.profiler: GPU time by kernel and how busy the GPU was.
-
-    ``gpu_busy_ms`` (sum of kernel times) against ``wall_ms`` tells launch-bound (much less) from
-    compute-bound (close); the top kernels tell which layers cost the most.
-    """
+    """One (already warm) call under torch.profiler: GPU time by kernel against the call's wall time
+    (``profiling.kernel_summary``)."""
     from torch.profiler import ProfilerActivity, profile
 
     x = make_inputs(pipe.preset, batch, device, args.seed)
@@ -203,22 +200,9 @@ def profile_call(pipe: Any, device: torch.device, steps: int, batch: int, args: 
         pipe(**x, **kw)
         sync(device)
     wall = time.perf_counter() - start
-    kernels = [
-        e for e in prof.key_averages()
-        if device.type == "cuda" and e.device_type == torch.autograd.DeviceType.CUDA
-    ]
-    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    busy = sum(e.self_device_time_total for e in kernels) / 1000
-    return {
-        "steps": steps,
-        "batch": batch,
-        "wall_ms": 1000 * wall,
-        "gpu_busy_ms": busy,
-        "kernel_launches": sum(e.count for e in kernels),
-        "top_kernels": [
-            {"name": e.key[:120], "count": e.count, "ms": e.self_device_time_total / 1000} for e in kernels[:25]
-        ],
-    }
+    from profiling import kernel_summary
+
+    return {"steps": steps, "batch": batch, "wall_ms": 1000 * wall, **kernel_summary(prof)}
 
 
 def precision_check(pipe: Any, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:

@@ -119,22 +119,16 @@ def profile_steps(step: Any, sync: Any, device: torch.device, n: int = 3) -> dic
             step()
         sync()
     wall = (time.perf_counter() - t0) / n
-    events = prof.key_averages()
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    from profiling import kernel_summary
+
     ops = sorted(
-        (e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
+        (e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU),
         key=lambda e: e.cpu_time_total, reverse=True,
     )
     return {
         "steps": n,
         "wall_ms_per_step": round(1000 * wall, 1),
-        "gpu_busy_ms_per_step": round(sum(e.self_device_time_total for e in kernels) / 1000 / n, 1),
-        "kernel_launches_per_step": sum(e.count for e in kernels) // n,
-        "top_kernels": [
-            {"name": e.key[:120], "count": e.count // n, "ms_per_step": round(e.self_device_time_total / 1000 / n, 2)}
-            for e in kernels[:20]
-        ],
+        **kernel_summary(prof, per=n, top=20),
         "top_cpu_ops": [
             {"name": e.key[:120], "count": e.count // n, "cpu_ms_per_step": round(e.cpu_time_total / 1000 / n, 2)}
             for e in ops[:20]
@@ -273,10 +267,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    phases (ms): {r['phase_ms_median']}", flush=True)
             if "profile" in r:
                 pr = r["profile"]
-                print(f"    profile: wall {pr['wall_ms_per_step']} ms/step, GPU busy {pr['gpu_busy_ms_per_step']} ms, "
-                      f"{pr['kernel_launches_per_step']} kernels/step", flush=True)
+                print(f"    profile: wall {pr['wall_ms_per_step']} ms/step, GPU busy {pr['gpu_busy_ms']} ms/step, "
+                      f"{pr['kernel_launches']} kernels/step", flush=True)
                 for k in pr["top_kernels"][:8]:
-                    print(f"      {k['ms_per_step']:8.2f} ms  {k['count']:5d}x  {k['name']}", flush=True)
+                    print(f"      {k['ms']:8.2f} ms  {k['count']:5d}x  {k['name']}", flush=True)
 
     header = ("stage", "batch", "trainable M", "ms/step", "samples/s", "peak GiB", "paper steps", "projected min")
     rows = [header] + [

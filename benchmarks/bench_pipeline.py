@@ -202,7 +202,44 @@ def profile_call(pipe: Any, device: torch.device, steps: int, batch: int, args: 
     wall = time.perf_counter() - start
     from profiling import kernel_summary
 
-    return {"steps": steps, "batch": batch, "wall_ms": 1000 * wall, **kernel_summary(prof)}
+    row = {"steps": steps, "batch": batch, "wall_ms": 1000 * wall, **kernel_summary(prof)}
+    if device.type == "cuda":
+        row["host_syncs"] = host_syncs(lambda: pipe(**x, **kw))
+    return row
+
+
+def host_syncs(fn: Any) -> dict[str, Any]:
+    """CPU–GPU synchronisations during ``fn()`` (``torch.cuda.set_sync_debug_mode``), by call site.
+
+    Each one idles the GPU until the host has launched the next work: in a CUDA-graph pipeline that
+    is the gap between GPU busy time and wall time. The pipeline's own start and end syncs count.
+    """
+    import collections
+    import traceback
+    import warnings
+
+    sites: collections.Counter[str] = collections.Counter()
+
+    def record(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename]
+        ours = [f for f in frames if "consistent_avatar" in f.filename or "diffusers" in f.filename]
+        f = (ours or frames)[-1]
+        sites[f"{Path(f.filename).name}:{f.lineno} {f.name}"] += 1
+
+    torch.cuda.synchronize()
+    previous = warnings.showwarning
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = previous
+    return {"count": sum(sites.values()), "sites": dict(sites.most_common(12))}
 
 
 def precision_check(pipe: Any, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
@@ -269,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--profile",
         action="store_true",
-        help="after the timings, profile one call of every --batch at the first --steps (GPU time by kernel)",
+        help="after the timings, profile one call of every --batch at the first --steps (GPU time by kernel, "
+        "and on a GPU the CPU-GPU synchronisations of one call by call site)",
     )
     ap.add_argument(
         "--components",
@@ -359,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             for k in prof["top_kernels"][:12]:
                 print(f"  {k['ms']:8.2f} ms  {k['count']:5d}×  {k['name']}")
+            if "host_syncs" in prof:
+                print(f"  host syncs per call: {prof['host_syncs']['count']}  {prof['host_syncs']['sites']}")
 
     if args.check:
         check = precision_check(pipe, device, args)

@@ -446,3 +446,34 @@ def test_bundle_refiner_reference_is_loaded_and_applied(
         ConsistentAvatarPipeline.from_bundle(without, refiner=True)
     with_path = ConsistentAvatarPipeline.from_bundle(without, refiner=refiner_dir)
     assert isinstance(with_path.refiner, Refiner) and with_path.refiner.strength == 0.2
+
+
+def test_phase_timings_sum_cuda_event_pairs_per_phase() -> None:
+    """On a GPU phases are timed with CUDA events read after the call's one sync; a phase timed
+    twice (e.g. a refiner pass) adds up. Events stand in as objects with ``elapsed_time`` (ms)."""
+    from consistent_avatar.pipeline import _read_timings
+
+    class Event:
+        def __init__(self, ms: float) -> None:
+            self.ms = ms
+
+        def elapsed_time(self, end: "Event") -> float:
+            return end.ms - self.ms
+
+    raw = {"total": 0.5, "_events": [("stage2", Event(0), Event(200)), ("stage3", Event(200), Event(450)),
+                                     ("stage3", Event(500), Event(550))]}
+    assert _read_timings(raw) == pytest.approx({"total": 0.5, "stage2": 0.2, "stage3": 0.3})
+
+
+def test_seeds_make_generators_on_the_pipeline_device() -> None:
+    """A seed seeds a generator where the noise is drawn (a GPU generator on a GPU: no blocking copy
+    per step); caller-given generators are used as they are."""
+    from consistent_avatar.pipeline import _generators
+
+    g = _generators(3, None, 2, "cpu")
+    assert isinstance(g, torch.Generator) and g.device.type == "cpu"
+    assert torch.equal(torch.randn(4, generator=g), torch.randn(4, generator=torch.Generator().manual_seed(3)))
+    gens = _generators([1, 2], None, 2, "cpu")
+    assert [x.initial_seed() for x in gens] == [1, 2]
+    mine = torch.Generator().manual_seed(9)
+    assert _generators(0, mine, 2, "cuda") is mine

@@ -18,6 +18,7 @@ from consistent_avatar.errors import ConsistentAvatarError
 from consistent_avatar.models.denoiser import Denoiser
 from consistent_avatar.models.sampling import (
     alpha_bar,
+    denoise,
     inference_scheduler,
     predict_x0,
     sample,
@@ -226,3 +227,34 @@ def test_bad_inputs_are_named(tiny_unet: UNetEps) -> None:
         inference_scheduler("lcm", 1, original_steps=0)
     with pytest.raises(ConsistentAvatarError, match="spacing"):
         inference_scheduler("ddim", 1, spacing="random")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["lcm", "ddim", "dpm"])
+def test_sample_keeps_timesteps_on_the_host(kind: str) -> None:
+    """The scheduler's timesteps stay on the CPU and the denoiser gets a (B,) long timestep filled on
+    the sample's device: no host↔device copy (a CUDA sync) per step. The "meta" device stands in
+    for a GPU: a device timestep indexing the schedulers' host tables would fail on it."""
+    seen: set[tuple[str, torch.dtype, tuple[int, ...]]] = set()
+
+    def denoiser(x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        seen.add((t.device.type, t.dtype, tuple(t.shape)))
+        return torch.zeros_like(x)
+
+    scheduler = inference_scheduler(kind, 4)  # type: ignore[arg-type]
+    out = sample(denoiser, torch.randn(2, 4, 8, 8, device="meta"), {}, scheduler, 4, torch.Generator().manual_seed(0))
+    assert out.device.type == "meta" and out.shape == (2, 4, 8, 8)
+    assert scheduler.timesteps.device.type == "cpu"
+    assert seen == {("meta", torch.long, (2,))}
+
+
+def test_denoise_accepts_per_frame_timesteps_from_the_host() -> None:
+    got: list[torch.Tensor] = []
+
+    def denoiser(x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        got.append(t)
+        return torch.zeros_like(x)
+
+    x = torch.zeros(3, 4, 8, 8)
+    denoise(denoiser, x, torch.tensor([5, 6, 7]), {})
+    denoise(denoiser, x, 9, {})
+    assert got[0].tolist() == [5, 6, 7] and got[1].tolist() == [9, 9, 9]

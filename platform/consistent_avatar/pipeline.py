@@ -35,10 +35,17 @@ from the full model's inputs:
 - ``without_lcm`` ("w/o LCM"): the teacher ε-models sampled with DDIM (or DPM-Solver++) and the
   bundle's teacher step count (default 25) instead of the LCM students in a few steps.
 
-Determinism: noise comes only from the given ``seed`` / ``generator`` (CPU generators by default,
-so a seed gives the same noise on every device). A list of per-frame seeds or generators makes each
-frame's noise independent of how frames are batched. On CPU, equal inputs and seeds give equal
-outputs bit for bit.
+Determinism: noise comes only from the given ``seed`` / ``generator``. A seed seeds a generator on
+the pipeline's device, so on a GPU the noise — the initial latents and the noise LCM injects between
+steps — is drawn there without a CPU–GPU synchronisation (a CPU generator's draw is a blocking copy,
+one per step); the same seed therefore gives different noise on a CPU and on a GPU. Pass CPU
+``generator`` objects for noise that is the same on every device (at that cost). A list of
+per-frame seeds or generators makes each frame's noise independent of how frames are batched. On
+CPU, equal inputs and seeds give equal outputs bit for bit.
+
+Synchronisation: one call synchronises with the GPU once, at its end (phase timings are CUDA events
+read then); the sampling loops and the VAE passes queue work without waiting for it (see
+:mod:`.models.sampling`), so a compiled pipeline's CUDA graphs run back to back.
 
 Compile-friendliness: inside the sampling loops every network call is a pure function of tensors
 with static shapes (condition tokens via ``cross_attention_kwargs``, no Python state mutated per
@@ -74,7 +81,7 @@ from .bundle import (
 )
 from .data.layout import EXPRESSION_DIM, POSE_DIM
 from .errors import ConsistentAvatarError
-from .models.components import vae_encode
+from .models.components import vae_decode, vae_encode
 from .models.fcsd import FCSD
 from .models.lcm import LCMDistillConfig
 from .models.presets import ModelPreset
@@ -218,7 +225,9 @@ def _generators(
     seed: int | Sequence[int] | None,
     generator: torch.Generator | Sequence[torch.Generator] | None,
     batch: int,
+    device: torch.device | str = "cpu",
 ) -> torch.Generator | list[torch.Generator]:
+    """The call's noise generators: the caller's, else ones seeded with ``seed`` on ``device``."""
     if generator is not None:
         if isinstance(generator, torch.Generator):
             return generator
@@ -232,12 +241,21 @@ def _generators(
     if isinstance(seed, bool):
         raise ConsistentAvatarError("seed must be an integer or a list of integers, got a bool")
     if isinstance(seed, int):
-        return torch.Generator("cpu").manual_seed(seed)
+        return torch.Generator(device).manual_seed(seed)
     if isinstance(seed, Sequence) and all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
         if len(seed) != batch:
             raise ConsistentAvatarError(f"{len(seed)} seeds given for a batch of {batch}")
-        return [torch.Generator("cpu").manual_seed(s) for s in seed]
+        return [torch.Generator(device).manual_seed(s) for s in seed]
     raise ConsistentAvatarError(f"seed must be an integer or a list of one integer per frame, got {seed!r}")
+
+
+def _read_timings(timings: dict[str, Any]) -> dict[str, float]:
+    """Seconds per phase: the host-clock entries as they are, CUDA event pairs (recorded by
+    ``_timed`` on a GPU, complete after the call's final synchronisation) summed per phase."""
+    out = {k: float(v) for k, v in timings.items() if k != "_events"}
+    for key, begin, end in timings.get("_events", []):
+        out[key] = out.get(key, 0.0) + begin.elapsed_time(end) / 1000.0
+    return out
 
 
 def _refiner_seed(
@@ -541,14 +559,22 @@ class ConsistentAvatarPipeline:
             torch.cuda.synchronize(self._device)
 
     @contextmanager
-    def _timed(self, timings: dict[str, float], key: str) -> Iterator[None]:
-        self._sync()
-        start = time.perf_counter()
+    def _timed(self, timings: dict[str, Any], key: str) -> Iterator[None]:
+        """Time a phase: on a GPU with CUDA events on the stream (read by :func:`_read_timings` after
+        the call's one synchronisation), elsewhere with the host clock."""
+        if self._device.type != "cuda":
+            start = time.perf_counter()
+            yield
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+            return
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
         yield
-        self._sync()
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+        end.record()
+        timings.setdefault("_events", []).append((key, begin, end))
 
     def _noise(self, batch: int, gens: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+        """N(0, I) latents drawn on the generators' device, then moved to the pipeline's."""
         p = self.preset
         shape = (batch, p.latent_channels, p.latent_size, p.latent_size)
         return randn_tensor(shape, generator=gens, device=self._device, dtype=torch.float32)
@@ -621,13 +647,14 @@ class ConsistentAvatarPipeline:
             emotion_embedding = torch.zeros(b, self.emotions.dim, device=self._device, dtype=self._dtype)
         else:
             emotion_embedding = self.emotions.lookup(emotion, b)
-        gens = _generators(seed, generator, b)
+        gens = _generators(seed, generator, b, self._device)
         stage3_scheduler = self._scheduler("fcsd", kind, steps)
         stage2_scheduler = None if baseline else self._scheduler("tsdm", kind, steps)
 
         # ---- everything is valid: run the networks ------------------------------------------
         dev, dt = self._device, self._dtype
-        timings: dict[str, float] = {}
+        timings: dict[str, Any] = {}
+        self._sync()  # the wall clock starts with the GPU idle: `total` is this call's alone
         start = time.perf_counter()
         pose = pose.to(device=dev, dtype=dt)
         expression = expression.to(device=dev, dtype=dt)
@@ -656,7 +683,7 @@ class ConsistentAvatarPipeline:
                     steps,
                     generator=gens,  # type: ignore[arg-type]  # diffusers takes one or a list
                 )
-                aligned_tsd = tsdm.decode(x0).to(dt)  # VAE decode #1
+                aligned_tsd = vae_decode(tsdm.vae, x0).to(dt)  # VAE decode #1
             latents["tsd"] = x0
         detail = coarse_tsd if aligned_tsd is None else aligned_tsd
 
@@ -675,7 +702,7 @@ class ConsistentAvatarPipeline:
                 steps,
                 generator=gens,  # type: ignore[arg-type]
             )
-            frames = fcsd.decode(x0)  # VAE decode #2
+            frames = vae_decode(fcsd.vae, x0)  # VAE decode #2
         latents["frame"] = x0
 
         if use_refiner:
@@ -685,6 +712,7 @@ class ConsistentAvatarPipeline:
         out_frames = (frames.float() + 1.0) * 0.5
         self._sync()
         timings["total"] = time.perf_counter() - start
+        timings = _read_timings(timings)
         settings = {
             "actor": self.actor,
             "sampler": kind,

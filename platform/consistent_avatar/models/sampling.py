@@ -15,6 +15,15 @@ model is never sampled under a schedule it was not trained on:
 
 :func:`sample` is the plain loop: ``scale_model_input`` → denoiser → ``scheduler.step``, batched
 over frames (the denoiser sees the whole batch at every step; there is no per-frame loop).
+
+No CPU–GPU synchronisation inside the loop: the timesteps stay on the host, so a scheduler's scalar
+arithmetic (ᾱ_t, LCM's c_skip / c_out, DDIM's σ_t) runs there and reaches the GPU kernels as
+scalars, and the denoiser's (B,) timestep is filled on the device from a host integer. With device
+timesteps, diffusers' schedulers index their host tables with a device scalar and PyTorch's blocking
+host→device copies wait for the GPU — several full synchronisations per step, which at batch 1 left
+the GPU idle for a third of a compiled pipeline call (benchmarks/README.md). The noise a scheduler
+injects between steps is drawn with the caller's generator on *its* device: a GPU generator keeps
+that sync-free too, a CPU one costs one blocking copy per step.
 """
 
 from __future__ import annotations
@@ -179,7 +188,10 @@ def denoise(
     denoiser: Denoiser, sample: torch.Tensor, t: torch.Tensor | int, cond: Mapping[str, torch.Tensor]
 ) -> torch.Tensor:
     """Call ``denoiser`` with a (B,) long timestep and check it answered with ε of the right shape."""
-    ts = torch.as_tensor(t, device=sample.device).long().reshape(-1).expand(sample.shape[0])
+    if isinstance(t, torch.Tensor) and (t.device == sample.device or t.numel() != 1):
+        ts = t.to(sample.device).long().reshape(-1).expand(sample.shape[0])
+    else:  # a host timestep: filled on the device (a copy of it would block until the GPU is idle)
+        ts = torch.full((sample.shape[0],), int(t), device=sample.device, dtype=torch.long)
     eps = denoiser(sample, ts, cond)
     if not isinstance(eps, torch.Tensor) or eps.shape != sample.shape:
         got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
@@ -213,7 +225,7 @@ def sample(
         raise ConsistentAvatarError(f"eta only applies to DDIM, not {type(scheduler).__name__}")
     if eta < 0.0:
         raise ConsistentAvatarError(f"eta must be ≥ 0, got {eta}")
-    set_steps(scheduler, num_steps, device=noise.device)
+    set_steps(scheduler, num_steps)  # host timesteps: see the module docstring
     step_kwargs: dict[str, Any] = {"generator": generator}
     if isinstance(scheduler, DDIMScheduler):
         step_kwargs["eta"] = eta

@@ -136,6 +136,49 @@ def profile_steps(step: Any, sync: Any, device: torch.device, n: int = 3) -> dic
     }
 
 
+def profile_optimizer(runner: Any, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator, sync: Any,
+                      device: torch.device, n: int = 3) -> dict[str, Any]:
+    """``engine.step()`` alone (forward and backward run outside the profiler), ``n`` times: host ops
+    (aten calls and the host time they take) and, on a GPU, kernels per optimiser step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    counts: dict[str, int] = {}
+    cpu_us: dict[str, float] = {}
+    kernels = busy = 0.0
+    wall = 0.0
+    for _ in range(n):
+        loss = runner.loss(engine, batch, gen)
+        engine.backward(loss)
+        sync()
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
+            engine.step()
+            sync()
+        wall += time.perf_counter() - t0
+        runner.after_step()
+        for e in prof.key_averages():
+            if e.device_type == torch.autograd.DeviceType.CPU and e.key.startswith("aten::"):
+                counts[e.key] = counts.get(e.key, 0) + e.count
+                cpu_us[e.key] = cpu_us.get(e.key, 0.0) + e.self_cpu_time_total
+        if device.type == "cuda":
+            from profiling import kernel_summary
+
+            ks = kernel_summary(prof, per=1, top=0)
+            kernels += ks["kernel_launches"]
+            busy += ks["gpu_busy_ms"]
+    top = sorted(counts, key=lambda k: counts[k], reverse=True)[:12]
+    return {
+        "steps": n,
+        "wall_ms_per_step": round(1000 * wall / n, 2),
+        "aten_ops_per_step": sum(counts.values()) // n,
+        "aten_self_cpu_ms_per_step": round(sum(cpu_us.values()) / 1000 / n, 2),
+        "kernel_launches_per_step": int(kernels // n) if device.type == "cuda" else None,
+        "gpu_busy_ms_per_step": round(busy / n, 2) if device.type == "cuda" else None,
+        "top_aten_ops": [{"name": k, "count": counts[k] // n, "self_cpu_ms": round(cpu_us[k] / 1000 / n, 3)} for k in top],
+    }
+
+
 def bench_stage(stage: str, args: argparse.Namespace, preset: ModelPreset, device: torch.device, tmp: Path) -> dict[str, Any]:
     from consistent_avatar.training.loop import build_engine
     from consistent_avatar.training.stages import STAGE_KIND, make_runner
@@ -146,7 +189,8 @@ def bench_stage(stage: str, args: argparse.Namespace, preset: ModelPreset, devic
         update={"batch_size": args.batch, "micro_batch_size": args.batch, "zero_stage": args.zero,
                 "precision": args.dtype}
     ).model_dump(mode="json")
-    perf = {"channels_last": args.channels_last, "compile": args.compile, "fused_adam": None, "tf32": True}
+    perf = {"channels_last": args.channels_last, "compile": args.compile, "fused_adam": None, "tf32": True,
+            "lean_zero_step": args.lean_zero_step}
     kind = STAGE_KIND[stage]
     inputs: dict[str, str] = {}
     if stage.startswith("lcm_"):  # a teacher to distil: the randomly initialised stage model
@@ -201,6 +245,7 @@ def bench_stage(stage: str, args: argparse.Namespace, preset: ModelPreset, devic
     median = times[len(times) // 2]
     phases = phase_times(runner, engine, batch, gen, sync, max(3, args.steps // 2)) if args.phases else None
     profile = profile_steps(step, sync, device) if args.profile else None
+    optimizer_profile = profile_optimizer(runner, engine, batch, gen, sync, device) if args.profile else None
     result = {
         "stage": stage,
         "batch": args.batch,
@@ -218,6 +263,7 @@ def bench_stage(stage: str, args: argparse.Namespace, preset: ModelPreset, devic
         result["phase_ms_median"] = phases
     if profile is not None:
         result["profile"] = profile
+        result["optimizer_profile"] = optimizer_profile
     del runner, engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -241,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="feed precomputed VAE latents (as shards with latents do)")
     p.add_argument("--phases", action="store_true", help="also time forward / backward / optimiser step apart")
     p.add_argument("--profile", action="store_true", help="also profile 3 steps (GPU busy vs wall, top kernels and ops)")
+    p.add_argument("--lean-zero-step", action=argparse.BooleanOptionalAction, default=True,
+                   help="one fused gradient-norm / overflow check per ZeRO step (performance.lean_zero_step)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_<preset>_<device>.json)")
     args = p.parse_args(argv)
 
@@ -271,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{pr['kernel_launches']} kernels/step", flush=True)
                 for k in pr["top_kernels"][:8]:
                     print(f"      {k['ms']:8.2f} ms  {k['count']:5d}x  {k['name']}", flush=True)
+                op = r["optimizer_profile"]
+                print(f"    optimizer step alone: {op['wall_ms_per_step']} ms, {op['aten_ops_per_step']} aten ops "
+                      f"({op['aten_self_cpu_ms_per_step']} ms host), kernels {op['kernel_launches_per_step']}, "
+                      f"GPU busy {op['gpu_busy_ms_per_step']} ms", flush=True)
+                for k in op["top_aten_ops"][:6]:
+                    print(f"      {k['count']:6d}x  {k['self_cpu_ms']:8.3f} ms  {k['name']}", flush=True)
 
     header = ("stage", "batch", "trainable M", "ms/step", "samples/s", "peak GiB", "paper steps", "projected min")
     rows = [header] + [

@@ -122,6 +122,9 @@ class PerformanceSection(_Strict):
     channels_last: bool | None = Field(None, description="None: on GPU only")
     compile: bool | None = Field(None, description="torch.compile UNet/ControlNet; None: on GPU only")
     fused_adam: bool | None = Field(None, description="None: on GPU only")
+    lean_zero_step: bool = Field(
+        True, description="one fused gradient-norm and overflow check per ZeRO step instead of one per parameter"
+    )
     tf32: bool = True
     train_poll_s: float | None = Field(
         None, gt=0, description="Ray Train controller poll interval (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); None: Ray's 2 s"

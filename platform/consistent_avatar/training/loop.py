@@ -67,15 +67,121 @@ def deepspeed_config(cfg: dict[str, Any], num_workers: int, bf16: bool) -> dict[
         "train_batch_size": cfg["batch_size"],
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
-        "zero_optimization": {"stage": int(cfg["zero_stage"])},
+        # Stated rather than left to DeepSpeed's defaults because the step's fast paths
+        # (:func:`lean_zero_step`) rely on them: contiguous gradients put every gradient of this rank's
+        # partition into one flat buffer; no overlap_comm (nothing to overlap at world size 1, and it
+        # adds a stream synchronisation per bucket); round-robin partitioning off (it reorders the
+        # partition); one reduce bucket up to 5e8 elements (whole ControlNet / UNet of SD 1.5 in one
+        # or two reductions).
+        "zero_optimization": {
+            "stage": int(cfg["zero_stage"]),
+            "contiguous_gradients": True,
+            "overlap_comm": False,
+            "round_robin_gradients": False,
+            "reduce_bucket_size": int(5e8),
+            "allgather_bucket_size": int(5e8),
+        },
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
-        "bf16": {"enabled": bf16},
+        # check_grad_overflow stays on: a non-finite gradient skips the step (it is one fused check
+        # per step with lean_zero_step, not one per parameter).
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},
     }
     if cfg.get("grad_clip"):
         ds["gradient_clipping"] = float(cfg["grad_clip"])
     return ds
+
+
+def _tiling_buffer(grads: list[torch.Tensor]) -> torch.Tensor | None:
+    """The one flat buffer that ``grads`` tile exactly (contiguous, same storage, disjoint, no gap),
+    as a 1-D tensor; None when they do not (then DeepSpeed's own per-tensor code runs)."""
+    if not grads:
+        return None
+    first = grads[0]
+    storage = first.untyped_storage()
+    ptr, size = storage.data_ptr(), storage.nbytes() // first.element_size()
+    spans = []
+    for g in grads:
+        if (g.dtype != first.dtype or g.device != first.device or g.is_sparse or not g.is_contiguous()
+                or g.untyped_storage().data_ptr() != ptr):
+            return None
+        spans.append((g.storage_offset(), g.numel()))
+    spans.sort()
+    end = 0
+    for offset, numel in spans:
+        if offset != end:
+            return None
+        end += numel
+    if end != size:
+        return None
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, 0, (size,), (1,))
+
+
+def lean_zero_step(engine: Any) -> bool:
+    """Replace the per-parameter loops of DeepSpeed's ZeRO-1/2 ``step()`` with one reduction each over
+    the flat gradient buffer, when the gradients live in one (ZeRO-2, contiguous_gradients: every
+    gradient of this rank's partition is a view into one buffer; world size 1 and whole parameters).
+
+    DeepSpeed 0.19.8 (``runtime/zero/stage_1_and_2.py``) does, per step and per trainable parameter:
+
+    - ``get_grad_norm_direct`` (gradient clipping): ``g.to(float64)`` (a copy) then ``vector_norm`` — two
+      kernels per parameter, then a stack and a sum;
+    - ``has_overflow_partitioned_grads_serial`` (bf16 ``check_grad_overflow``): ``has_inf_or_nan(g)`` =
+      ``amax``, ``amin``, two ``isfinite`` and a logical op, then an add into a counter — about six
+      kernels per parameter, before one all-reduce and one ``.item()``.
+
+    Here, when the gradients tile one buffer, the norm is ``vector_norm(buffer, dtype=float64)`` (the
+    same fp64 accumulation, so the same clipping factor up to fp64 rounding) and the overflow test is
+    ``has_inf_or_nan(buffer)`` (the same answer: a non-finite gradient still skips the step). Everything
+    after (all-reduces, ``.item()``, clipping, Adam, loss scale) is DeepSpeed's own code. Otherwise
+    (offload, several ranks owning parts of a parameter, zero padding that is not all-zero...) each call
+    falls back to DeepSpeed's method. Returns whether the fast paths were installed.
+    """
+    from deepspeed.runtime.utils import has_inf_or_nan
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    opt = engine.optimizer
+    if type(opt) is not DeepSpeedZeroOptimizer or opt.cpu_offload or opt.model_parallel_world_size != 1:
+        return False
+    original_norm = opt.get_grad_norm_direct
+    original_overflow = opt.has_overflow_partitioned_grads_serial
+
+    def grad_norm(gradients: Any, params: Any, norm_type: float = 2) -> torch.Tensor:
+        gradients, params = list(gradients), list(params)
+        grads = [g for g in gradients if not getattr(g, "_zero_padding", False)][: len(params)]
+        flat = None
+        if float(norm_type) == 2.0 and len(grads) == len(params) and not any(hasattr(p, "ds_pipe_replicated") for p in params):
+            flat = _tiling_buffer(grads)
+        if flat is None:
+            return original_norm(gradients, params, norm_type)
+        from deepspeed import comm as dist
+        from deepspeed.runtime.zero.utils import get_norm_dtype
+        from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
+
+        total = torch.linalg.vector_norm(flat, 2, dtype=get_norm_dtype()).pow(2).float()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=opt.dp_process_group)
+        total = total.pow(0.5)
+        mask_nan_or_inf_with_val_inplace(total, device=opt.device)
+        return total
+
+    def overflow_serial() -> torch.Tensor:
+        own: list[torch.Tensor] = []
+        for i in range(len(opt.bit16_groups)):
+            grads = [g for g in opt.averaged_gradients[i] or [] if not getattr(g, "_zero_padding", False)]
+            n = len(opt.params_in_partition[i])
+            if any(g is None for g in grads[:n]):
+                return original_overflow()
+            # past the partition's parameters come only DeepSpeed's torch.zeros alignment padding
+            own += grads[:n]
+        flat = _tiling_buffer(own)
+        if flat is None:
+            return original_overflow()
+        return has_inf_or_nan(flat).reshape(1)
+
+    opt.get_grad_norm_direct = grad_norm
+    opt.has_overflow_partitioned_grads_serial = overflow_serial
+    return True
 
 
 class _Board:
@@ -199,6 +305,8 @@ def build_engine(spec: StageSpec, device: torch.device, world: int) -> tuple[Sta
     engine, _, _, _ = deepspeed.initialize(
         model=runner.module, model_parameters=params, optimizer=optimizer, config=deepspeed_config(cfg, world, bf16)
     )
+    if _perf(spec, True, "lean_zero_step"):
+        lean_zero_step(engine)
     runner.attach(engine)
     _prepare_modules(runner, spec, cuda)
     return runner, engine, optimizer

@@ -1,0 +1,140 @@
+"""The DeepSpeed configuration of a stage and the fused ZeRO step (``loop.lean_zero_step``).
+
+One process, world size 1, gloo on CPU, the ``tiny`` preset's stage 2 (TSDM) on random inputs: the
+fused gradient norm and overflow test give DeepSpeed's own answers, a non-finite gradient still skips
+the step, the stage trains (its loss falls) and resumes from a checkpoint exactly as without them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from consistent_avatar.models import load_preset
+from consistent_avatar.training import TrainConfig
+from consistent_avatar.training.data import StageCollate
+from consistent_avatar.training.loop import _tiling_buffer, build_engine, deepspeed_config, setup_backend
+from consistent_avatar.training.stages import StageSpec
+
+
+@pytest.fixture(scope="module")
+def process_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    store = tmp_path_factory.mktemp("pg") / "store"
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    setup_backend(torch.device("cpu"), {})
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _spec(tmp_path: Path, precision: str, lean: bool, lr: float = 1e-3) -> StageSpec:
+    cfg = TrainConfig().stage("tsdm").model_copy(
+        update={"batch_size": 2, "micro_batch_size": 2, "precision": precision, "lr": lr}
+    ).model_dump(mode="json")
+    return StageSpec(
+        actor="t", stage="tsdm", preset=load_preset("tiny").model_dump(mode="json"), config=cfg,  # type: ignore[arg-type]
+        performance={"lean_zero_step": lean}, seed=0, num_workers=1, probe_files=[], columns=[],
+        collate=StageCollate("t", "tsdm"), stage_dir=str(tmp_path / f"tsdm-{precision}-{lean}"),
+    )
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    p = load_preset("tiny")
+    g = torch.Generator().manual_seed(0)
+    r, c, s = p.resolution, p.latent_channels, p.latent_size
+    return {
+        "coarse_tsd": torch.rand(2, 3, r, r, generator=g) * 2 - 1,
+        "pose": torch.randn(2, 6, generator=g),
+        "expression": torch.randn(2, 100, generator=g),
+        "target_latent": torch.randn(2, c, s, s, generator=g),
+        "coarse_latent": torch.randn(2, c, s, s, generator=g),
+    }
+
+
+def _engine(tmp_path: Path, precision: str, lean: bool, lr: float = 1e-3) -> tuple[Any, Any]:
+    torch.manual_seed(0)
+    runner, engine, _ = build_engine(_spec(tmp_path, precision, lean, lr), torch.device("cpu"), 1)
+    return runner, engine
+
+
+def _weights(runner: Any) -> list[torch.Tensor]:
+    return [p.detach().float().clone() for p in runner.trainable_parameters()]
+
+
+def test_deepspeed_config_states_the_zero_and_bf16_options() -> None:
+    cfg = TrainConfig().stage("fcsd").model_dump(mode="json")
+    ds = deepspeed_config(cfg, 1, bf16=True)
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 2 and zero["contiguous_gradients"] and not zero["overlap_comm"]
+    assert not zero["round_robin_gradients"] and zero["reduce_bucket_size"] >= 4e8
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    assert ds["gradient_clipping"] == cfg["grad_clip"] > 0  # clipping (hence the norm) stays on
+    assert deepspeed_config({**cfg, "zero_stage": 1}, 1, bf16=False)["zero_optimization"]["stage"] == 1
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_fused_norm_and_overflow_match_deepspeed(process_group: None, tmp_path: Path, precision: str) -> None:
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    runner, engine = _engine(tmp_path, precision, lean=True)
+    opt = engine.optimizer
+    assert opt.get_grad_norm_direct.__name__ == "grad_norm"  # installed on the instance
+    engine.backward(runner.loss(engine, _batch(), torch.Generator().manual_seed(1)))
+    grads, params = opt.averaged_gradients[0], opt.params_in_partition[0]
+    assert _tiling_buffer([g for g in grads if not getattr(g, "_zero_padding", False)][: len(params)]) is not None
+    fused = opt.get_grad_norm_direct(grads, params)
+    reference = DeepSpeedZeroOptimizer.get_grad_norm_direct(opt, grads, params)
+    assert fused.dtype == reference.dtype and float(fused) > 0
+    assert math.isclose(float(fused), float(reference), rel_tol=1e-6)
+    assert not bool(opt.has_overflow_partitioned_grads_serial())
+    grads[len(grads) // 2].view(-1)[0] = float("nan")
+    assert bool(opt.has_overflow_partitioned_grads_serial())
+    assert bool(DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial(opt))
+    assert float(opt.get_grad_norm_direct(grads, params)) == -1.0  # DeepSpeed's invalid-norm sentinel
+    before = _weights(runner)
+    engine.step()  # the non-finite gradient skips the step, as DeepSpeed's own check does
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(runner)))
+
+
+def test_fused_step_trains_like_deepspeeds_and_resumes(process_group: None, tmp_path: Path) -> None:
+    batch = _batch()
+    runs: dict[bool, tuple[list[float], list[float], list[torch.Tensor]]] = {}
+    for lean in (False, True):
+        runner, engine = _engine(tmp_path, "bf16", lean)
+        gen = torch.Generator().manual_seed(3)
+        losses, norms = [], []
+        for _ in range(8):
+            loss = runner.loss(engine, batch, gen)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+            norms.append(float(engine.get_global_grad_norm()))
+        runs[lean] = (losses, norms, _weights(runner))
+        if lean:
+            engine.save_checkpoint(str(tmp_path / "ckpt"), tag="s8")
+            probe = runner.probe(batch, 9)
+    (l0, n0, w0), (l1, n1, w1) = runs[False], runs[True]
+    assert l1 == pytest.approx(l0, rel=1e-5) and n1 == pytest.approx(n0, rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1))  # same clipping factor: same bf16 weights
+    assert sum(l1[-3:]) < sum(l1[:3])  # the stage learns on its batch
+    runner, engine = _engine(tmp_path, "bf16", lean=True)
+    engine.load_checkpoint(str(tmp_path / "ckpt"), tag="s8")
+    assert int(engine.global_steps) == 8
+    assert all(torch.equal(a, b) for a, b in zip(w1, _weights(runner)))
+    assert runner.probe(batch, 9) == probe
+    engine.backward(runner.loss(engine, batch, torch.Generator().manual_seed(4)))
+    engine.step()  # the resumed engine steps with the fused paths too
+    assert engine.optimizer.get_grad_norm_direct.__name__ == "grad_norm" and int(engine.global_steps) == 9

@@ -144,6 +144,12 @@ def lean_zero_step(engine: Any) -> bool:
     opt = engine.optimizer
     if type(opt) is not DeepSpeedZeroOptimizer or opt.cpu_offload or opt.model_parallel_world_size != 1:
         return False
+    needed = ("get_grad_norm_direct", "has_overflow_partitioned_grads_serial", "bit16_groups",
+              "averaged_gradients", "params_in_partition", "dp_process_group")
+    missing = [name for name in needed if not hasattr(opt, name)]
+    if missing:  # another DeepSpeed than the one this was written against (requirements.lock)
+        log.warning("lean_zero_step: DeepSpeed's ZeRO optimiser lacks %s; its own step runs", missing)
+        return False
     original_norm = opt.get_grad_norm_direct
     original_overflow = opt.has_overflow_partitioned_grads_serial
 

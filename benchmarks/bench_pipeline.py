@@ -245,7 +245,7 @@ def host_syncs(fn: Any) -> dict[str, Any]:
 def precision_check(pipe: Any, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     """Frames of the benchmarked pipeline vs an eager fp32 pipeline built from the same seed.
 
-    Same weights (same seed), same inputs, same noise (CPU generators), 4 LCM steps, the first
+    Same weights (same seed), same inputs, same noise (seeded generators on the same device), 4 LCM steps, the first
     ``--batch``. The
     difference measures what bf16/fp16 and compilation change in the output, nothing else.
     """

@@ -293,6 +293,27 @@ def test_error_missing_manifest_and_shards(small_run: Path, tmp_path: Path) -> N
     _fails(small_run, "not a shard directory")
 
 
+def test_shards_given_as_a_uri_give_the_same_metrics(small_run: Path, shards: Path, tmp_path: Path) -> None:
+    """A render manifest naming its shards by a file:// URI (as a render from s3://… would) evaluates
+    to the same numbers as the plain path; bad or missing shard URIs and a URI as RUN are refused."""
+    config = EvaluateConfig(lpips=False, progress=False)
+    plain = evaluate(small_run, tmp_path / "plain", config)
+    uri = shards.as_uri()
+    man = json.loads((small_run / "render_manifest.json").read_text())
+    man["shards"] = uri
+    (small_run / "render_manifest.json").write_text(json.dumps(man))
+    by_uri = evaluate(small_run, tmp_path / "uri", config)
+    assert by_uri.metrics["shards"] == uri and plain.metrics["shards"] == str(shards)
+    assert by_uri.metrics["rows"] == plain.metrics["rows"]
+    assert pq.read_table(by_uri.per_frame_path).equals(pq.read_table(plain.per_frame_path))
+
+    _fails(small_run, r"cannot open the shards URI 'nosuch://b/shards'.*file:///.*s3://", shards="nosuch://b/shards")
+    gone = (tmp_path / "gone").as_uri()
+    _fails(small_run, rf"{re.escape(gone)} holds no manifest\.json: it is not a shard directory", shards=gone)
+    with pytest.raises(ConsistentAvatarError, match=r"RUN 's3://b/run' is a URI, but it must be a local or shared"):
+        evaluate("s3://b/run", None, config)
+
+
 def test_error_rows_and_actors_absent(small_run: Path) -> None:
     err = _fails(small_run, "without_lcm", rows=["full", "without_lcm"])
     assert "cavatar render" in str(err)

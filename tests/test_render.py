@@ -226,6 +226,25 @@ def test_mp4_is_coarse_ours_real_side_by_side(first, shards: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def test_shards_as_a_file_uri_render_the_same_frames(first, shards: Path, bundles: Path, tmp_path: Path) -> None:
+    """The Ray job reads shards given as a URI through the pyarrow filesystem the driver resolved:
+    the same frames, PNGs and mp4 as the plain-path run (one actor, one row: a small render)."""
+    first_out, _ = first
+    uri = shards.as_uri()
+    out = tmp_path / "OUT"
+    config = RenderConfig(**{**FIRST, "rows": ["full"]}, actors=["actor_000"])
+    report = render(uri, bundles, out, config, command="test uri run")
+    assert not report.failed and report.rendered == {"full": {"actor_000": len(TEST_FRAMES)}}
+    assert read_render_manifest(out)["shards"] == uri
+    names = _pngs(out, "full", "actor_000")
+    assert names == _pngs(first_out, "full", "actor_000") and len(names) == len(TEST_FRAMES)
+    for name in names:
+        a = decode_png((out / "full" / "actor_000" / "frames" / name).read_bytes())
+        b = decode_png((first_out / "full" / "actor_000" / "frames" / name).read_bytes())
+        np.testing.assert_array_equal(a, b)
+    assert report.videos == [out / "full" / "actor_000" / "actor_000.mp4"] and report.videos[0].stat().st_size > 0
+
+
 def _drop_row(path: Path, frame: int) -> None:
     """Rewrite a parquet file without ``frame``'s row (keeping the settings metadata)."""
     table = pq.read_table(path)
@@ -385,6 +404,22 @@ def test_bad_input_is_refused_before_any_ray_work(no_ray_work, shards: Path, bun
     with pytest.raises(ConsistentAvatarError, match=r"rows\.0: Input should be 'full'"):
         RenderConfig.build(rows=["fulll"])
     assert not out.exists()  # nothing was written anywhere
+
+
+def test_shard_uris_that_cannot_be_read_and_a_uri_as_out_are_refused_before_any_ray_work(
+    no_ray_work, shards: Path, bundles: Path, tmp_path: Path
+) -> None:
+    cfg = RenderConfig(actors=GOOD, progress=False)
+    out = tmp_path / "OUT"
+    with pytest.raises(ConsistentAvatarError, match=r"cannot open the shards URI 'nosuch://b/s'.*s3://bucket"):
+        render("nosuch://b/s", bundles, out, cfg)
+    gone = (tmp_path / "gone").as_uri()
+    with pytest.raises(ConsistentAvatarError, match=rf"{re.escape(gone)} holds no manifest\.json.*cavatar prepare"):
+        render(gone, bundles, out, cfg)
+    with pytest.raises(ConsistentAvatarError, match=r"OUT 's3://b/out' is a URI, but it must be a local or shared"
+                                                    r"-filesystem path: .*lock.*rename"):
+        render(shards, bundles, "s3://b/out", cfg)
+    assert not out.exists()
 
 
 def test_many_problems_are_reported_together(no_ray_work, shards: Path, bundles: Path, tmp_path: Path) -> None:

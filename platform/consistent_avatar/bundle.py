@@ -68,7 +68,7 @@ from torch import nn
 from . import __version__
 from .data.shards import emotion_table_schema
 from .errors import ConsistentAvatarError
-from .io import atomic_write_bytes, atomic_write_json, publish_dir, read_json, staging_dir
+from .io import atomic_write_bytes, atomic_write_json, publish_dir, read_json, resolve_filesystem, staging_dir
 from .models.components import freeze, load_shared_components, load_vae
 from .models.decoupled_attention import DecoupledCrossAttnProcessor, set_decoupled_scale
 from .models.fcsd import FCSD
@@ -586,18 +586,7 @@ def _filesystem(path_or_uri: str | os.PathLike[str], filesystem: Any = None) -> 
                 f"filesystem must be a pyarrow.fs.FileSystem, got {type(filesystem).__name__}"
             )
         return filesystem, str(path_or_uri)
-    text = os.fspath(path_or_uri)
-    if "://" in text:
-        try:
-            fs, path = pafs.FileSystem.from_uri(text)
-        except (pa.ArrowException, ValueError, OSError) as exc:
-            raise ConsistentAvatarError(
-                f"cannot open the storage URI {text!r}: {exc} (give a local path or a pyarrow filesystem "
-                "URI such as file:///…, s3://bucket/…, gs://bucket/…, with credentials in the "
-                "environment)"
-            ) from exc
-        return fs, path
-    return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
+    return resolve_filesystem(path_or_uri)
 
 
 def _is_local(fs: Any) -> bool:

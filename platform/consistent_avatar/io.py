@@ -1,4 +1,5 @@
-"""Small I/O building blocks: atomic writes, atomic directory publication, PNG coding, fingerprints.
+"""Small I/O building blocks: atomic writes, atomic directory publication, PNG coding, fingerprints,
+and storage locations (a local path or a pyarrow filesystem URI → filesystem + path).
 
 Every dataset, checkpoint or bundle the platform writes becomes visible only when complete: files
 are written under a temporary name and renamed; directories are assembled beside their final place
@@ -19,6 +20,47 @@ import cv2
 import numpy as np
 
 from .errors import ConsistentAvatarError
+
+
+def is_uri(location: str | os.PathLike[str]) -> bool:
+    """Whether ``location`` is a URI (``scheme://…``) rather than a local or shared-filesystem path."""
+    return "://" in os.fspath(location)
+
+
+def resolve_filesystem(location: str | os.PathLike[str], what: str = "storage") -> tuple[Any, str]:
+    """(pyarrow filesystem, path on it) of a local path or a pyarrow filesystem URI (``file:///…``,
+    ``s3://bucket/…``, ``gs://bucket/…``). A local path is made absolute, on the local filesystem.
+    A URI that pyarrow cannot open (unknown scheme, a filesystem this pyarrow lacks) raises
+    :class:`ConsistentAvatarError` naming the URI and the fix; ``what`` names the location in it."""
+    from pyarrow import ArrowException
+    from pyarrow import fs as pafs
+
+    text = os.fspath(location)
+    if not is_uri(text):
+        return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
+    try:
+        return pafs.FileSystem.from_uri(text)
+    except (ArrowException, ValueError, OSError) as exc:
+        raise ConsistentAvatarError(
+            f"cannot open the {what} URI {text!r}: {first_line(exc)} (give a local path or a pyarrow filesystem "
+            "URI such as file:///…, s3://bucket/…, gs://bucket/…, with credentials in the environment)"
+        ) from exc
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, shortened: pyarrow's can run to pages (libjvm probes)."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def require_local_dir(location: str | os.PathLike[str], what: str, why: str) -> Path:
+    """``location`` as an absolute local path; a URI raises :class:`ConsistentAvatarError` saying that
+    ``what`` must be a local or shared-filesystem path, because ``why``."""
+    if is_uri(location):
+        raise ConsistentAvatarError(
+            f"{what} {os.fspath(location)!r} is a URI, but it must be a local or shared-filesystem path: {why}"
+        )
+    return Path(location).expanduser().absolute()
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

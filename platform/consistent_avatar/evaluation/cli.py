@@ -27,7 +27,9 @@ def register_cli(subparsers: Any) -> None:
     e.add_argument("--rows", nargs="+", default=None,
                    help="rows to evaluate (default: every rendered row + coarse); 'coarse' = the stage-1 input")
     e.add_argument("--actors", nargs="+", default=None, help="actors to evaluate (default: every rendered actor)")
-    e.add_argument("--shards", default=None, help="shard folder (default: the one named in the render manifest)")
+    e.add_argument("--shards", default=None,
+                   help="shards: a folder or a pyarrow filesystem URI such as s3://bucket/shards "
+                        "(default: the shards named in the render manifest)")
     e.add_argument("--no-lpips", action="store_true", help="skip LPIPS (reported as unavailable)")
     e.add_argument("--lpips-net", choices=["alex", "vgg", "squeeze"], default="alex", help="LPIPS backbone")
     e.add_argument("--torch-home", default=None, help="TORCH_HOME holding the LPIPS backbone weights (offline)")

@@ -52,13 +52,13 @@ def emotion_accuracy(predicted: Sequence[Any], truth: Sequence[Any]) -> dict[str
     return {"accuracy": acc, "n_frames": int(cm.sum()), "per_emotion": per, "confusion": cm.tolist(), "labels": list(EMOTIONS)}
 
 
-def _source_root(shards: Path, actor: str) -> Path | None:
-    from ..data.shards import ACTOR_MANIFEST_FILE, ACTORS_DIR
+def _source_root(shards: Any, actor: str) -> Path | None:
+    from ..data.shards import ACTOR_MANIFEST_FILE, ACTORS_DIR, read_shard_json
 
-    m = shards / ACTORS_DIR / actor / ACTOR_MANIFEST_FILE
-    if not m.is_file():
+    meta = read_shard_json(shards, ACTORS_DIR, actor, ACTOR_MANIFEST_FILE)
+    if meta is None:
         return None
-    root = (read_json(m).get("source") or {}).get("root")
+    root = (meta.get("source") or {}).get("root")
     return Path(root) if root else None
 
 
@@ -75,9 +75,9 @@ def shard_emotion_accuracy(
     actor's ``_actor.json``. Returns :func:`emotion_accuracy`'s dict (plus ``split``), or
     :class:`.image.Unavailable` when the actor has no synthetic ground truth.
     """
-    from ..data.shards import read_actor_table
+    from ..data.shards import open_shards, read_actor_table
 
-    shards = Path(shards)
+    shards = open_shards(shards)  # a path or a pyarrow filesystem URI
     table = read_actor_table(shards, actor, split=split, columns=["frame", "split", "emotion"])
     root = Path(actor_dir) if actor_dir is not None else _source_root(shards, actor)
     if root is None or not (root / SYNTHETIC_TRUTH_FILE).is_file():

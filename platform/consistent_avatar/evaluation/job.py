@@ -46,7 +46,18 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import ConsistentAvatarError
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_table, encode_png, publish_dir, read_json, staging_dir
+from ..data.shards import Shards, open_shards
+from ..io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_table,
+    encode_png,
+    is_uri,
+    publish_dir,
+    read_json,
+    require_local_dir,
+    staging_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +102,7 @@ class EvaluateConfig(BaseModel):
 
     rows: list[str] | None = Field(None, description="rows to evaluate (default: every rendered row + 'coarse')")
     actors: list[str] | None = Field(None, description="actors to evaluate (default: every rendered actor)")
-    shards: str | None = Field(None, description="shard folder (default: the render manifest's)")
+    shards: str | None = Field(None, description="shards: a folder or a pyarrow filesystem URI (default: the render manifest's)")
     lpips: bool = Field(True, description="compute LPIPS (needs the backbone weights locally)")
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
     torch_home: str | None = Field(None, description="TORCH_HOME holding hub/checkpoints/<LPIPS backbone, RAFT>")
@@ -257,7 +268,7 @@ class _Unit:
 class _Plan:
     run: Path
     manifest: dict[str, Any]
-    shards: Path
+    shards: Shards  # a local path or a pyarrow filesystem URI, resolved once
     shard_manifest: dict[str, Any]
     split: str
     rows: list[str]
@@ -292,19 +303,23 @@ def _read_render_manifest(run: Path) -> dict[str, Any]:
     return manifest
 
 
-def _resolve_shards(run: Path, manifest: dict[str, Any], override: str | None) -> Path:
+def _resolve_shards(run: Path, manifest: dict[str, Any], override: str | None) -> Shards:
+    """The shards to evaluate against (``--shards``, else the render manifest's), a local path or a
+    pyarrow filesystem URI, resolved once (a bad URI or a missing directory raises here)."""
     if override:
-        return Path(override).expanduser().absolute()
+        return open_shards(override)
     recorded = manifest.get("shards")
     if not recorded:
         raise ConsistentAvatarError(f"{run / RENDER_MANIFEST} names no shards: pass --shards")
+    if is_uri(recorded):
+        return open_shards(recorded)
     p = Path(recorded).expanduser()
     if not p.is_absolute() and not p.exists() and (run / p).exists():
         p = run / p
-    return p.absolute()
+    return open_shards(p)
 
 
-def _split_frames(shards: Path, actor: str, split: str) -> list[int]:
+def _split_frames(shards: Shards, actor: str, split: str) -> list[int]:
     from ..data.shards import read_actor_table
 
     t = read_actor_table(shards, actor, columns=["frame", "split"])
@@ -680,11 +695,11 @@ class _EmotionTruth:
     def truth(self, actor: str, frames: Sequence[int]) -> tuple[list[str] | None, str | None]:
         """The synthetic true emotion per frame, or (None, why not)."""
         from ..data.layout import SYNTHETIC_TRUTH_FILE
-        from ..data.shards import ACTOR_MANIFEST_FILE, ACTORS_DIR
+        from ..data.shards import ACTOR_MANIFEST_FILE, ACTORS_DIR, read_shard_json
 
-        am_path = self.plan.shards / ACTORS_DIR / actor / ACTOR_MANIFEST_FILE
         try:
-            source = (read_json(am_path).get("source") or {}).get("root")
+            source = ((read_shard_json(self.plan.shards, ACTORS_DIR, actor, ACTOR_MANIFEST_FILE) or {})
+                      .get("source") or {}).get("root")
         except (OSError, ValueError):
             source = None
         if not source:
@@ -710,8 +725,9 @@ class _EmotionTruth:
 
         db = self.settings.get("database")
         path = Path(db) if db else None
-        if path is not None and not path.is_absolute() and not path.is_file():
-            path = (self.plan.shards / path) if (self.plan.shards / path).is_file() else path
+        if path is not None and not path.is_absolute() and not path.is_file() and self.plan.shards.local:
+            beside = Path(self.plan.shards.root) / path  # a database path relative to local shards
+            path = beside if beside.is_file() else path
         if path is None or not path.is_file():
             self._labeller_reason = (f"the emotion database the shards were labelled with ({db}) is not found from here: "
                                      "emotion labels of rendered frames cannot be computed")
@@ -1029,8 +1045,9 @@ def evaluate(
         except ValidationError as exc:
             raise ConsistentAvatarError(f"invalid evaluate config: {exc}") from None
     t0 = time.perf_counter()
-    run_path = Path(run).expanduser().absolute()
-    out_path = Path(out).expanduser().absolute() if out is not None else run_path / "eval"
+    why = "evaluation reads the PNGs `cavatar render` wrote there and writes its files by atomic renames"
+    run_path = require_local_dir(run, "RUN", why + " (the shards, --shards, may be a URI)")
+    out_path = require_local_dir(out, "the evaluation folder", why) if out is not None else run_path / "eval"
     plan = _plan(run_path, config)
     from .temporal import RAFTFlow
 
@@ -1135,7 +1152,7 @@ def evaluate(
         "schema_version": METRICS_SCHEMA_VERSION,
         "run": str(run_path),
         "eval_dir": str(out_path),
-        "shards": str(plan.shards),
+        "shards": plan.shards.location,
         "split": plan.split,
         "resolution": plan.shard_manifest.get("resolution"),
         "actors": plan.actors,

@@ -32,9 +32,11 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         "render",
         help="render actors' frames from shards with their bundles (Ray Data batch inference): PNG, parquet, mp4",
     )
-    r.add_argument("--shards", required=True, help="shard folder written by `cavatar prepare`")
+    r.add_argument("--shards", required=True,
+                   help="shards written by `cavatar prepare`: a folder or a pyarrow filesystem URI "
+                        "(file:///…, s3://bucket/…, gs://bucket/…)")
     r.add_argument("--bundles", required=True, help="folder or URI holding one bundle per actor: <bundles>/<actor>")
-    r.add_argument("--out", required=True, help="output folder (see docs/render.md for its layout)")
+    r.add_argument("--out", required=True, help="output folder, a local or shared-filesystem path, not a URI (see docs/render.md for its layout)")
     r.add_argument("--split", choices=["test", "train", "all"], default="test", help="frames to render (default: test)")
     r.add_argument("--actors", default="", help="comma-separated actor names (default: every prepared actor)")
     r.add_argument("--rows", default="full", help=f"comma-separated ablation rows, or 'all': {', '.join(ROWS)} (default: full)")

@@ -57,6 +57,20 @@ pipeline, one call), and only the missing frames of each (row, actor) are render
 the driver give both without a shuffle of image bytes through the object store (a groupby would move
 every frame); each load task reads just its unit's rows from the shard files, with a filter on
 ``frame``. The driver only ever holds the small per-frame index (frame, split, emotion label).
+
+**Where the shards are.** SHARDS is a local or shared-filesystem path or any pyarrow filesystem URI
+(``file:///…``, ``s3://bucket/…``, ``gs://bucket/…``). The driver resolves it once
+(:func:`~consistent_avatar.data.shards.open_shards`: ``pyarrow.fs.FileSystem.from_uri``), lists the
+actors' parquet files with that filesystem, and every plan carries the resolved
+:class:`~consistent_avatar.data.shards.Shards` (filesystem + root) with the files as paths on it; the
+load and video tasks read with ``pq.read_table(paths, filesystem=…)``. We pass the filesystem object,
+not the URI strings, because it pickles (by its options, so credentials are still found by each
+worker from its own environment), a URI is then parsed and checked once instead of in every task
+(``from_uri`` of an ``s3://`` URI without a region asks the bucket's region over the network), and
+every task reads exactly the files the driver listed and checked. A URI whose filesystem cannot be
+created or reached, or a missing shard directory, fails in step 1. OUT stays a local or
+shared-filesystem path: it holds the resume lock (``fcntl``) and the PNGs and parquet parts are
+published by atomic renames, neither of which object stores offer.
 """
 
 from __future__ import annotations
@@ -87,8 +101,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..data.layout import EXPRESSION_DIM, POSE_DIM
+from ..data.shards import Shards, actor_parts, load_manifest, open_shards
 from ..errors import ConsistentAvatarError
-from ..io import decode_png, fingerprint_of, remove_stale_staging
+from ..io import decode_png, fingerprint_of, remove_stale_staging, require_local_dir, resolve_filesystem
 from .config import ROWS, RenderConfig, row_switches
 from .outputs import (
     FRAMES_DIR,
@@ -132,9 +147,11 @@ class RowSettings:
 
 @dataclass(frozen=True)
 class ActorPlan:
-    """One actor: where its bundle and shard rows are, and which frames the split selects."""
+    """One actor: where its bundle and shard rows are, and which frames the split selects.
+    ``file_of`` maps a frame to its parquet file as a path on ``shards.filesystem``."""
 
     actor: str
+    shards: Shards
     bundle: str
     bundle_fingerprint: str
     variants: tuple[str, ...] | None
@@ -209,7 +226,9 @@ def _read_unit(plan: ActorPlan, frames: list[int]) -> dict[str, np.ndarray | str
     """A unit's pipeline inputs from the shard files: images as contiguous NCHW uint8, vectors as
     float32, emotion labels as JSON, in the order of ``frames``."""
     files = sorted({plan.file_of[f] for f in frames})
-    table = pq.read_table(files, columns=_INPUT_COLUMNS, filters=[("frame", "in", frames)])
+    table = pq.read_table(
+        files, columns=_INPUT_COLUMNS, filters=[("frame", "in", frames)], filesystem=plan.shards.filesystem
+    )
     got = table["frame"].to_pylist()
     missing = sorted(set(frames) - set(got))
     if missing:
@@ -482,7 +501,9 @@ def _video_task(out: str, row: str, plan: ActorPlan, fps: float) -> str:
         for f in plan.frames:
             by_file[plan.file_of[f]].append(f)
         for path in sorted(by_file, key=lambda p: min(by_file[p])):
-            table = pq.read_table(path, columns=["frame", "coarse_rgb", "real_rgb"]).sort_by("frame")
+            table = pq.read_table(
+                path, columns=["frame", "coarse_rgb", "real_rgb"], filesystem=plan.shards.filesystem
+            ).sort_by("frame")
             for f, coarse, real in zip(
                 table["frame"].to_pylist(), table["coarse_rgb"].to_pylist(), table["real_rgb"].to_pylist()
             ):
@@ -541,10 +562,7 @@ def _inspect_bundle(location: str) -> _BundleInfo:
         return inspect(Path(location))
     from pyarrow import fs as pafs
 
-    try:
-        fs, path = pafs.FileSystem.from_uri(location)
-    except (pa.ArrowException, ValueError, OSError) as exc:
-        raise ConsistentAvatarError(f"cannot open the bundle URI {location!r}: {exc}") from exc
+    fs, path = resolve_filesystem(location, what="bundle")
     with tempfile.TemporaryDirectory(prefix="cavatar-bundle-") as tmp:
         root = Path(tmp) / "bundle"
         root.mkdir()
@@ -598,14 +616,17 @@ def resolve_sampling(row: str, config: RenderConfig, manifest: Any) -> tuple[str
     return kind, int(steps), variant
 
 
-def _shard_index(files: list[Path], split: str) -> tuple[list[int], dict[int, str], dict[int, str], set[str]]:
-    """(frames, split per frame, file per frame, emotion labels) of one actor's rows in ``split``."""
+def _shard_index(
+    shards: Shards, files: list[str], split: str
+) -> tuple[list[int], dict[int, str], dict[int, str], set[str]]:
+    """(frames, split per frame, file per frame, emotion labels) of one actor's rows in ``split``;
+    ``files`` are paths on ``shards.filesystem``."""
     frames: list[int] = []
     splits: dict[int, str] = {}
     file_of: dict[int, str] = {}
     labels: set[str] = set()
     for path in files:
-        t = pq.read_table(path, columns=["frame", "split", "emotion"])
+        t = pq.read_table(path, columns=["frame", "split", "emotion"], filesystem=shards.filesystem)
         for f, s, e in zip(t["frame"].to_pylist(), t["split"].to_pylist(), t["emotion"].to_pylist()):
             if split != "all" and s != split:
                 continue
@@ -617,11 +638,11 @@ def _shard_index(files: list[Path], split: str) -> tuple[list[int], dict[int, st
 
 
 def _check_inputs(
-    shards: Path, bundles: str, config: RenderConfig
+    shards: str | os.PathLike[str] | Shards, bundles: str, config: RenderConfig
 ) -> tuple[dict[str, Any], dict[str, ActorPlan]]:
-    """Every input check (see the module docstring, step 1); returns the shard manifest and plans."""
-    from ..data.shards import actor_files, load_manifest
-
+    """Every input check (see the module docstring, step 1); returns the shard manifest and plans.
+    ``shards``: a path, a pyarrow filesystem URI, or shards already resolved by ``open_shards``."""
+    shards = open_shards(shards)
     manifest = load_manifest(shards)
     known = sorted(manifest.get("actors", {}))
     actors = config.actors or known
@@ -640,11 +661,11 @@ def _check_inputs(
     for actor in actors:
         entry = manifest["actors"][actor]
         try:
-            files = actor_files(shards, actor)
+            _, files = actor_parts(shards, actor)
         except ConsistentAvatarError as exc:
             problems.append(str(exc))
             continue
-        frames, splits, file_of, labels = _shard_index(files, config.split)
+        frames, splits, file_of, labels = _shard_index(shards, files, config.split)
         if not frames:
             problems.append(f"actor {actor!r} has no {config.split!r} frames in {shards}: choose another --split")
             continue
@@ -708,6 +729,7 @@ def _check_inputs(
         load = tuple(v for v in ("teacher", "lcm") if v in variants)
         plans[actor] = ActorPlan(
             actor=actor,
+            shards=shards,
             bundle=location,
             bundle_fingerprint=info.fingerprint,
             variants=load if all(set(load) <= h for h in held) else None,
@@ -726,14 +748,14 @@ def _check_inputs(
     return manifest, plans
 
 
-def _check_out(out: Path, shards: Path, config: RenderConfig) -> dict[str, Any] | None:
+def _check_out(out: Path, shards: str, config: RenderConfig) -> dict[str, Any] | None:
     previous = read_render_manifest(out)
     if previous is not None and previous.get("split") != config.split:
         raise ConsistentAvatarError(
             f"{out} holds renders of the {previous.get('split')!r} split; render the {config.split!r} split "
             "into another --out (the layout has one split per output folder)"
         )
-    if previous is not None and previous.get("shards") != str(shards):
+    if previous is not None and previous.get("shards") != shards:
         log.warning("%s was rendered from shards %s; now %s", out, previous.get("shards"), shards)
     return previous
 
@@ -1180,20 +1202,26 @@ def render(
     command: str | None = None,
 ) -> RenderReport:
     """Render ``config.rows`` for the actors of ``shards`` (split ``config.split``) with the bundles at
-    ``<bundles>/<actor>`` into ``out``; only what is missing is rendered. Starts a local Ray when none
+    ``<bundles>/<actor>`` into ``out``; only what is missing is rendered. ``shards`` and ``bundles`` are
+    local paths or pyarrow filesystem URIs; ``out`` must be a local or shared-filesystem path. Starts a local Ray when none
     is running (``RAY_ADDRESS`` is honoured). Input problems raise :class:`ConsistentAvatarError`
     before any Ray work; per-actor failures are in the report (``report.failed``), never raised.
     ``command``: recorded in the manifest (default: this process's command line)."""
     config = config or RenderConfig()
     t_start = time.perf_counter()
-    shards_path = Path(shards).expanduser().absolute()
+    out_path = require_local_dir(
+        out, "OUT",
+        "render keeps its resume lock there (fcntl) and publishes every PNG and parquet part by an atomic "
+        "rename, which object stores do not offer; render into a local or shared folder and copy it to "
+        "the bucket afterwards (SHARDS and BUNDLES may be URIs)",
+    )
+    store = open_shards(shards)  # resolved once: the plans carry its filesystem to every task
     bundles_text = os.fspath(bundles)
     if "://" not in bundles_text:
         bundles_text = str(Path(bundles_text).expanduser().absolute())
-    out_path = Path(out).expanduser().absolute()
 
-    _, plans = _check_inputs(shards_path, os.fspath(bundles), config)
-    previous = _check_out(out_path, shards_path, config)
+    _, plans = _check_inputs(store, os.fspath(bundles), config)
+    previous = _check_out(out_path, store.location, config)
     report = RenderReport(out=out_path, split=config.split, rows=list(config.rows), actors=list(plans))
 
     with _locked(out_path):
@@ -1221,7 +1249,7 @@ def render(
         elif config.video:
             report.videos = [video_path(out_path, r, a) for a, p in plans.items() for r in p.rows
                              if video_path(out_path, r, a).is_file()]
-        manifest = _merged_manifest(previous, config, plans, counts, report, shards_path, bundles_text, command)
+        manifest = _merged_manifest(previous, config, plans, counts, report, store.location, bundles_text, command)
         report.manifest = write_render_manifest(out_path, manifest)
         if interrupted:
             raise ConsistentAvatarError(
@@ -1239,7 +1267,7 @@ def _merged_manifest(
     plans: Mapping[str, ActorPlan],
     counts: Mapping[tuple[str, str], int],
     report: RenderReport,
-    shards: Path,
+    shards: str,
     bundles: str,
     command: str | None,
 ) -> dict[str, Any]:
@@ -1268,7 +1296,7 @@ def _merged_manifest(
     rows = [r for r in ROWS if r in set(prev.get("rows") or []) | set(config.rows)]
     return {
         "schema_version": RENDER_SCHEMA_VERSION,
-        "shards": str(shards),
+        "shards": shards,
         "bundles": bundles,
         "split": config.split,
         "rows": rows,

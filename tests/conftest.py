@@ -38,3 +38,16 @@ def ray_local() -> Iterator[None]:
     ctx.enable_progress_bars = False
     yield
     ray.shutdown()
+
+
+def end_process_group() -> None:
+    """Destroy this process's torch.distributed group *and* DeepSpeed's cached clone of it.
+
+    DeepSpeed keeps a module-level copy of the world group (``deepspeed.utils.groups._WORLD_GROUP``);
+    after the group is destroyed, the next in-process engine of another test would use that dead copy
+    ("Group ... is not registered")."""
+    import torch
+    from deepspeed.utils import groups
+
+    torch.distributed.destroy_process_group()
+    groups._WORLD_GROUP = None

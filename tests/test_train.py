@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import end_process_group
 from actor_factory import synthetic_shards
 
 from consistent_avatar.data.shards import actor_files, decode_images, read_emotion_table
@@ -237,7 +238,7 @@ def test_engine_keeps_frozen_parts_out_of_the_optimiser(shards: Path, tmp_path: 
         moved = [k for k, v in target_before.items() if not torch.equal(v, runner.distiller.target.state_dict()[k])]
         assert moved and not any(k.startswith("model.vae.") for k in moved)  # the EMA follows the student
     finally:
-        torch.distributed.destroy_process_group()
+        end_process_group()
 
 
 # ---------------------------------------------------------------------------------------------

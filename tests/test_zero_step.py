@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import pytest
 import torch
+from conftest import end_process_group
 
 from consistent_avatar.models import load_preset
 from consistent_avatar.training import TrainConfig
@@ -32,7 +33,7 @@ def process_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     try:
         yield
     finally:
-        torch.distributed.destroy_process_group()
+        end_process_group()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -707,3 +707,29 @@ def test_a_compiled_renderer_pads_short_units_to_its_batch_size(
     assert batches == [3, 5]
     for plain, padded in zip(images[False], images[True]):
         assert np.abs(plain - padded).max() <= 1  # same noise per frame; only batch-size rounding differs
+
+
+def test_the_previous_manifest_is_read_under_the_out_lock(
+    no_ray_work, shards: Path, bundles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run merges its manifest over the one it read: reading it before taking the lock would lose
+    the entries of a render that finished in between."""
+    import fcntl
+
+    seen: list[str] = []
+
+    def probe(out: Path) -> None:
+        with open(out / render_job.LOCK_FILE, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                seen.append("held")
+            else:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                seen.append("free")
+        raise ConsistentAvatarError("stop after the manifest read")
+
+    monkeypatch.setattr(render_job, "read_render_manifest", probe)
+    with pytest.raises(ConsistentAvatarError, match="stop after the manifest read"):
+        render(shards, bundles, tmp_path / "OUT", RenderConfig(actors=GOOD, progress=False))
+    assert seen == ["held"]

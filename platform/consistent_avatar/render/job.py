@@ -1221,10 +1221,12 @@ def render(
         bundles_text = str(Path(bundles_text).expanduser().absolute())
 
     _, plans = _check_inputs(store, os.fspath(bundles), config)
-    previous = _check_out(out_path, store.location, config)
     report = RenderReport(out=out_path, split=config.split, rows=list(config.rows), actors=list(plans))
 
     with _locked(out_path):
+        # Read under the lock: a render that held it until a moment ago may just have rewritten the
+        # manifest, and this run merges its own over what it reads here.
+        previous = _check_out(out_path, store.location, config)
         units = _plan_units(out_path, plans, config, report)
         log.info(
             "render: %d actor(s) × %d row(s) of the %s split: %d frame(s) to render in %d batch(es), %d kept",

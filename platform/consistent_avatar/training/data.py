@@ -23,9 +23,18 @@ import pyarrow.parquet as pq
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from ..data.shards import ACTOR_MANIFEST_FILE, ACTORS_DIR, actor_files, load_manifest, read_emotion_table
+from ..data.shards import (
+    ACTOR_MANIFEST_FILE,
+    ACTORS_DIR,
+    actor_files,
+    actor_parts,
+    load_manifest,
+    open_shards,
+    read_emotion_table,
+    read_shard_json,
+)
 from ..errors import ActorDataError, ConsistentAvatarError
-from ..io import decode_png, read_json
+from ..io import decode_png
 
 Kind = Literal["vae", "tsdm", "fcsd"]
 
@@ -55,11 +64,17 @@ def inspect_actor(shards: str | Path, actor: str, resolution: int, emotion_dim: 
     unreadable, or sizes disagree with the model preset.
     """
     try:
-        manifest = load_manifest(shards)
-        files = actor_files(shards, actor)
+        store = open_shards(shards)  # a local path or a pyarrow filesystem URI, resolved once
+        manifest = load_manifest(store)
+        files = actor_files(store, actor)
+        _, parts = actor_parts(store, actor)
+        meta = read_shard_json(store, ACTORS_DIR, actor, ACTOR_MANIFEST_FILE)
     except ConsistentAvatarError as exc:
         raise ActorDataError(actor, str(exc)) from None
-    meta = read_json(Path(shards) / ACTORS_DIR / actor / ACTOR_MANIFEST_FILE)
+    if meta is None:
+        raise ActorDataError(
+            actor, f"{store.location} has no {ACTORS_DIR}/{actor}/{ACTOR_MANIFEST_FILE}: re-run `cavatar prepare --force`"
+        )
     res = int(meta["resolution"])
     if res != resolution:
         raise ActorDataError(
@@ -68,11 +83,12 @@ def inspect_actor(shards: str | Path, actor: str, resolution: int, emotion_dim: 
             f"--res {resolution} --force` or pick the preset that matches",
         )
     rows = 0
-    for f in files:
+    for f, part in zip(files, parts, strict=True):
         try:
-            pf = pq.ParquetFile(f)
-            rows += pf.metadata.num_rows
-            names = set(pf.schema_arrow.names)
+            with store.filesystem.open_input_file(part) as handle:
+                pf = pq.ParquetFile(handle)
+                rows += pf.metadata.num_rows
+                names = set(pf.schema_arrow.names)
         except Exception as exc:  # a truncated or overwritten file
             raise ActorDataError(
                 actor, f"shard file {f} is unreadable ({type(exc).__name__}: {exc}): re-run `cavatar prepare --force`"
@@ -82,7 +98,7 @@ def inspect_actor(shards: str | Path, actor: str, resolution: int, emotion_dim: 
             raise ActorDataError(actor, f"shard file {f} lacks columns {sorted(missing)}: re-run `cavatar prepare --force`")
     if rows != int(meta["frames"]):
         raise ActorDataError(actor, f"shards hold {rows} rows, the actor manifest says {meta['frames']}: re-run prepare")
-    labels, table = read_emotion_table(shards)
+    labels, table = read_emotion_table(store)
     if table.shape[1] != emotion_dim:
         raise ActorDataError(
             actor,
@@ -248,7 +264,8 @@ def train_dataset(
 def read_rows(files: list[str] | tuple[str, ...], columns: list[str], count: int) -> dict[str, np.ndarray]:
     """The first ``count`` train rows by frame, read directly (the fixed probe batch of a stage)."""
     cols = list(dict.fromkeys([*columns, "split", "frame"]))
-    table = pq.read_table(list(files), columns=cols)
+    # One file at a time: pyarrow infers a URI's filesystem for a single source, not for a list.
+    table = pa.concat_tables([pq.read_table(str(f), columns=cols) for f in files])
     table = table.filter(pa.compute.equal(table["split"], "train")).sort_by("frame").slice(0, count)
     if table.num_rows < count:
         raise ConsistentAvatarError(f"only {table.num_rows} training frames, a batch needs {count}")

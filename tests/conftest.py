@@ -41,13 +41,10 @@ def ray_local() -> Iterator[None]:
 
 
 def end_process_group() -> None:
-    """Destroy this process's torch.distributed group *and* DeepSpeed's cached clone of it.
+    """Destroy this process's torch.distributed group through DeepSpeed, which also drops the groups
+    it cached (e.g. its clone of the world group): after a plain ``torch.distributed`` teardown the
+    next in-process engine of another test would use a dead cached group ("Group ... is not
+    registered")."""
+    import deepspeed.comm
 
-    DeepSpeed keeps a module-level copy of the world group (``deepspeed.utils.groups._WORLD_GROUP``);
-    after the group is destroyed, the next in-process engine of another test would use that dead copy
-    ("Group ... is not registered")."""
-    import torch
-    from deepspeed.utils import groups
-
-    torch.distributed.destroy_process_group()
-    groups._WORLD_GROUP = None
+    deepspeed.comm.destroy_process_group()

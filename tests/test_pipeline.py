@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -477,3 +478,23 @@ def test_seeds_make_generators_on_the_pipeline_device() -> None:
     assert [x.initial_seed() for x in gens] == [1, 2]
     mine = torch.Generator().manual_seed(9)
     assert _generators(0, mine, 2, "cuda") is mine
+
+
+@pytest.mark.parametrize("stage, baseline", [("stage 2 (TSDM)", False), ("stage 3 (FCSD)", True)])
+def test_non_finite_latents_are_an_error_not_frames(preset, emotions, stage: str, baseline: bool) -> None:
+    """A stage whose sampled latents hold NaN/inf (broken weights, a bf16 overflow) fails the call,
+    naming the stage, instead of handing on NaN frames that a render would write as done. The check is
+    a device flag read after the call's final sync (no extra sync inside the loops)."""
+    m = copy.deepcopy(tiny_models(preset, seed=0))
+    broken = m["lcm_tsdm"] if not baseline else m["lcm_fcsd"]
+    with torch.no_grad():
+        broken.unet.conv_out.bias.fill_(float("nan"))
+    pipe = ConsistentAvatarPipeline(
+        preset=preset,
+        tsdm={"teacher": m["tsdm"], "lcm": m["lcm_tsdm"]},
+        fcsd={"teacher": m["fcsd"], "lcm": m["lcm_fcsd"]},
+        emotions=emotions,
+        actor="broken",
+    )
+    with pytest.raises(ConsistentAvatarError, match=rf"^{re.escape(stage)}.* sampled NaN or infinite latents \(lcm weights, lcm, 2 steps, float32\): check"):
+        pipe(**inputs(preset), num_steps=2, baseline=baseline)

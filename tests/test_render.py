@@ -733,3 +733,14 @@ def test_the_previous_manifest_is_read_under_the_out_lock(
     with pytest.raises(ConsistentAvatarError, match="stop after the manifest read"):
         render(shards, bundles, tmp_path / "OUT", RenderConfig(actors=GOOD, progress=False))
     assert seen == ["held"]
+
+
+def test_gpu_and_cpu_renders_do_not_resume_each_other(shards: Path, bundles: Path) -> None:
+    """A GPU draws the noise of a seed on the GPU, other values than a CPU: a GPU render's frame settings
+    say so, and a CPU render's are unchanged (no key), so neither resumes the other's frames."""
+    cpu = RenderConfig(actors=["actor_000"], dtype="float32", progress=False)
+    gpu = RenderConfig(actors=["actor_000"], dtype="float32", num_gpus_per_actor=1, progress=False)
+    (_, on_cpu), (_, on_gpu) = (render_job._check_inputs(shards, str(bundles), c) for c in (cpu, gpu))
+    a, b = on_cpu["actor_000"].rows["full"].settings, on_gpu["actor_000"].rows["full"].settings
+    assert "noise" not in a and b["noise"] == "cuda"
+    assert {k: v for k, v in b.items() if k != "noise"} == a

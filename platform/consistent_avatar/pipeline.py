@@ -43,9 +43,11 @@ one per step); the same seed therefore gives different noise on a CPU and on a G
 per-frame seeds or generators makes each frame's noise independent of how frames are batched. On
 CPU, equal inputs and seeds give equal outputs bit for bit.
 
-Synchronisation: one call synchronises with the GPU once, at its end (phase timings are CUDA events
-read then); the sampling loops and the VAE passes queue work without waiting for it (see
-:mod:`.models.sampling`), so a compiled pipeline's CUDA graphs run back to back.
+Synchronisation: between its input checks and its end a call does not wait for the GPU — phase
+timings are CUDA events and the stages' finiteness checks are device flags, all read after the one
+final synchronisation; the sampling loops and the VAE passes only queue work (see
+:mod:`.models.sampling`), so a compiled pipeline's CUDA graphs run back to back. (The refiner, a
+diffusers SDXL pipeline, synchronises on its own.)
 
 Compile-friendliness: inside the sampling loops every network call is a pure function of tensors
 with static shapes (condition tokens via ``cross_attention_kwargs``, no Python state mutated per
@@ -103,7 +105,7 @@ class PipelineOutput:
 
     ``frames``: (B, 3, H, W) float32 in [0, 1] on the pipeline's device. ``timings``: seconds per
     phase (``tsd``, ``stage2`` incl. its VAE encode/decode, ``stage3`` incl. the decode,
-    ``refiner``, ``total``), measured with CUDA synchronisation on GPU. ``settings``: the sampler,
+    ``refiner``, ``total``), CUDA-event times on a GPU (``total``: host wall clock). ``settings``: the sampler,
     steps, variant and switches actually used. With ``return_intermediates``: ``coarse_tsd`` and
     ``aligned_tsd`` (B, 3, H, W) in the VAE-normalised TSD range [-1, 1] (``tsd_to_uint8`` stores them;
     ``aligned_tsd`` is None under ``baseline``) and the final ``latents`` of each stage.
@@ -567,10 +569,11 @@ class ConsistentAvatarPipeline:
             yield
             timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
             return
+        stream = torch.cuda.current_stream(self._device)  # the pipeline's device, not the current one
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
+        begin.record(stream)
         yield
-        end.record()
+        end.record(stream)
         timings.setdefault("_events", []).append((key, begin, end))
 
     def _noise(self, batch: int, gens: torch.Generator | list[torch.Generator]) -> torch.Tensor:
@@ -669,6 +672,7 @@ class ConsistentAvatarPipeline:
 
         latents: dict[str, torch.Tensor] = {}
         aligned_tsd: torch.Tensor | None = None
+        nonfinite: dict[str, torch.Tensor] = {}  # stage → device flag: NaN/inf in its sampled latents
         if not baseline:
             assert stage2_scheduler is not None
             tsdm = self.tsdm[variant]
@@ -683,6 +687,7 @@ class ConsistentAvatarPipeline:
                     steps,
                     generator=gens,  # type: ignore[arg-type]  # diffusers takes one or a list
                 )
+                nonfinite["stage 2 (TSDM)"] = ~torch.isfinite(x0).all()  # read after the final sync
                 aligned_tsd = vae_decode(tsdm.vae, x0).to(dt)  # VAE decode #1
             latents["tsd"] = x0
         detail = coarse_tsd if aligned_tsd is None else aligned_tsd
@@ -702,6 +707,7 @@ class ConsistentAvatarPipeline:
                 steps,
                 generator=gens,  # type: ignore[arg-type]
             )
+            nonfinite["stage 3 (FCSD)"] = ~torch.isfinite(x0).all()
             frames = vae_decode(fcsd.vae, x0)  # VAE decode #2
         latents["frame"] = x0
 
@@ -713,6 +719,14 @@ class ConsistentAvatarPipeline:
         self._sync()
         timings["total"] = time.perf_counter() - start
         timings = _read_timings(timings)
+        failed = [stage for stage, flag in nonfinite.items() if bool(flag)]
+        if failed:
+            name = str(dt).removeprefix("torch.")
+            hint = "" if dt == torch.float32 else f", or {name} overflowed (try float32)"
+            raise ConsistentAvatarError(
+                f"{' and '.join(failed)} sampled NaN or infinite latents ({variant} weights, {kind}, {steps} "
+                f"steps, {name}): check the bundle's weights and the inputs{hint}"
+            )
         settings = {
             "actor": self.actor,
             "sampler": kind,

@@ -713,6 +713,10 @@ def _check_inputs(
                     "steps": steps,
                     "seed": config.seed,
                     "dtype": config.torch_dtype_name,
+                    # A GPU draws its noise on the GPU (other values than a CPU for the same seed): frames
+                    # from a CPU render are not resumed by a GPU one, or the reverse. CPU renders carry no
+                    # key, so their settings are what they were before GPU noise existed.
+                    **({"noise": "cuda"} if config.use_gpu else {}),
                     "refine": config.refine,
                     "refiner": config.refiner,
                     "bundle": info.fingerprint,

@@ -41,9 +41,9 @@ def process_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _spec(tmp_path: Path, precision: str, lean: bool, lr: float = 1e-3) -> StageSpec:
+def _spec(tmp_path: Path, precision: str, lean: bool, lr: float = 1e-3, **update: Any) -> StageSpec:
     cfg = TrainConfig().stage("tsdm").model_copy(
-        update={"batch_size": 2, "micro_batch_size": 2, "precision": precision, "lr": lr}
+        update={"batch_size": 2, "micro_batch_size": 2, "precision": precision, "lr": lr, **update}
     ).model_dump(mode="json")
     return StageSpec(
         actor="t", stage="tsdm", preset=load_preset("tiny").model_dump(mode="json"), config=cfg,  # type: ignore[arg-type]
@@ -65,9 +65,9 @@ def _batch() -> dict[str, torch.Tensor]:
     }
 
 
-def _engine(tmp_path: Path, precision: str, lean: bool, lr: float = 1e-3) -> tuple[Any, Any]:
+def _engine(tmp_path: Path, precision: str, lean: bool, lr: float = 1e-3, **update: Any) -> tuple[Any, Any]:
     torch.manual_seed(0)
-    runner, engine, _ = build_engine(_spec(tmp_path, precision, lean, lr), torch.device("cpu"), 1)
+    runner, engine, _ = build_engine(_spec(tmp_path, precision, lean, lr, **update), torch.device("cpu"), 1)
     return runner, engine
 
 
@@ -139,3 +139,33 @@ def test_fused_step_trains_like_deepspeeds_and_resumes(process_group: None, tmp_
     engine.backward(runner.loss(engine, batch, torch.Generator().manual_seed(4)))
     engine.step()  # the resumed engine steps with the fused paths too
     assert engine.optimizer.get_grad_norm_direct.__name__ == "grad_norm" and int(engine.global_steps) == 9
+
+
+@pytest.mark.parametrize("zero_stage, accumulation", [(1, 1), (2, 2)])
+def test_fused_step_equals_deepspeeds_under_zero1_and_gradient_accumulation(
+    process_group: None, tmp_path: Path, zero_stage: int, accumulation: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The equivalence does not rest on ZeRO-2 with one micro-batch per step: under ZeRO-1, and ZeRO-2
+    accumulating two micro-batches per optimiser step, the fused paths run (no fallback) and give
+    DeepSpeed's own weights and norms."""
+    import consistent_avatar.training.loop as loop
+
+    batch = _batch()
+    runs = {}
+    tiled: list[bool] = []
+    real_tiling = loop._tiling_buffer
+    monkeypatch.setattr(loop, "_tiling_buffer", lambda g: tiled.append((b := real_tiling(g)) is not None) or b)
+    for lean in (False, True):
+        runner, engine = _engine(tmp_path, "bf16", lean, zero_stage=zero_stage, batch_size=2 * accumulation)
+        gen = torch.Generator().manual_seed(5)
+        norms = []
+        for micro in range(1, 3 * accumulation + 1):
+            engine.backward(runner.loss(engine, batch, gen))
+            engine.step()  # DeepSpeed steps the optimiser once every `accumulation` micro-batches
+            if micro % accumulation == 0:
+                norms.append(float(engine.get_global_grad_norm()))
+        assert int(engine.global_steps) == 3
+        runs[lean] = (norms, _weights(runner))
+    assert tiled and all(tiled)  # every fused norm / overflow call found one flat buffer
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(runs[False][1], runs[True][1]))

@@ -498,3 +498,33 @@ def test_non_finite_latents_are_an_error_not_frames(preset, emotions, stage: str
     )
     with pytest.raises(ConsistentAvatarError, match=rf"^{re.escape(stage)}.* sampled NaN or infinite latents \(lcm weights, lcm, 2 steps, float32\): check"):
         pipe(**inputs(preset), num_steps=2, baseline=baseline)
+
+
+def test_a_compiled_pipeline_adopts_another_actor_in_place(preset, models, emotions) -> None:
+    """adopt(): another actor's weights copied into this (compiled, channels-last) pipeline's own
+    parameters — their memory unchanged, as CUDA graphs need — render that actor's frames; a pipeline
+    of another layout is refused before anything is copied."""
+    first = own_students(preset, models, emotions)
+    other_models = tiny_models(preset, seed=7)
+    other_emotions = EmotionTable(EMOTIONS, torch.randn(len(EMOTIONS), 768, generator=torch.Generator().manual_seed(8)))
+    other = ConsistentAvatarPipeline(
+        preset=preset, tsdm={"lcm": other_models["lcm_tsdm"]}, fcsd={"lcm": other_models["lcm_fcsd"]},
+        emotions=other_emotions, actor="other",
+    )
+    x = inputs(preset, 13)
+    expected = other(**x, num_steps=STEPS).frames
+    first.compile(backend="eager", channels_last=True)
+    before = first(**x, num_steps=STEPS).frames
+    addresses = {n: p.data_ptr() for n, p in first.fcsd["lcm"].named_parameters()}
+    assert first.adopt(other) is first and first.actor == "other"
+    assert {n: p.data_ptr() for n, p in first.fcsd["lcm"].named_parameters()} == addresses
+    after = first(**x, num_steps=STEPS).frames
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(before, after)
+
+    with_teacher = ConsistentAvatarPipeline(
+        preset=preset, tsdm={"lcm": other_models["lcm_tsdm"], "teacher": other_models["tsdm"]},
+        fcsd={"lcm": other_models["lcm_fcsd"]}, emotions=other_emotions,
+    )
+    with pytest.raises(ConsistentAvatarError, match=r"holds variants tsdm=\['lcm', 'teacher'\]"):
+        first.adopt(with_teacher)

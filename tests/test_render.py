@@ -744,3 +744,42 @@ def test_gpu_and_cpu_renders_do_not_resume_each_other(shards: Path, bundles: Pat
     a, b = on_cpu["actor_000"].rows["full"].settings, on_gpu["actor_000"].rows["full"].settings
     assert "noise" not in a and b["noise"] == "cuda"
     assert {k: v for k, v in b.items() if k != "noise"} == a
+
+
+def test_a_compiled_renderer_reuses_its_compiled_pipeline_for_the_next_actor(
+    shards: Path, bundles: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Under --compile a pool actor compiles once: the pipeline evicted from its LRU adopts the next
+    actor's weights in place, and that actor's frames are the ones a fresh pipeline renders."""
+    from consistent_avatar.pipeline import ConsistentAvatarPipeline
+
+    config = RenderConfig(actors=["actor_000", "actor_001"], progress=False)
+    _, plans = render_job._check_inputs(shards, str(bundles), config)
+    compiled: list[int] = []
+    # dynamo tracing only (inductor needs minutes on CPU): what matters here is which object is reused
+    real_compile = ConsistentAvatarPipeline.compile
+    monkeypatch.setattr(
+        ConsistentAvatarPipeline, "compile",
+        lambda self, *a, **k: compiled.append(id(self)) or real_compile(self, backend="eager"),
+    )
+    images = {}
+    for compile_ in (False, True):
+        out = tmp_path / f"OUT{int(compile_)}"
+        spec = render_job.JobSpec(
+            out=str(out), actors=plans, seed=0, use_gpu=False, dtype="float32", num_threads=1,
+            compile=compile_, batch_size=3, refine=None, refiner=None, cache_size=1, verify=True,
+        )
+        renderer = render_job.FrameRenderer(spec)
+        for actor in ("actor_000", "actor_001"):
+            unit = {"row": np.array(["full"]), "actor": np.array([actor]), "frames": np.array([json.dumps(TEST_FRAMES[:3])])}
+            result = render_job.render_units_locally(spec, unit, renderer)
+            assert result["error"].tolist() == [""], result["error"]
+            d = out / "full" / actor / "frames"
+            images[compile_, actor] = [decode_png((d / f"{f:06d}.png").read_bytes()).astype(int) for f in TEST_FRAMES[:3]]
+        if compile_:
+            assert list(renderer.pipelines) == ["actor_001"] and renderer.pipelines["actor_001"].actor == "actor_001"
+            assert compiled == [id(renderer.pipelines["actor_001"])]  # compiled once, for actor_000, then adopted
+    for actor in ("actor_000", "actor_001"):
+        for plain, reused in zip(images[False, actor], images[True, actor]):
+            assert np.abs(plain - reused).max() <= 1
+    assert any(np.abs(a - b).max() > 1 for a, b in zip(images[True, "actor_000"], images[True, "actor_001"]))

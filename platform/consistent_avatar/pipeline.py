@@ -497,6 +497,53 @@ class ConsistentAvatarPipeline:
                 model.vae.decoder.compile(**opts)
         return self
 
+    def adopt(self, other: ConsistentAvatarPipeline) -> ConsistentAvatarPipeline:
+        """Become ``other``'s renderer without rebuilding this one: copy its network weights into this
+        pipeline's networks *in place* and take its emotion table, sampling defaults, LCM and TSD
+        settings, refiner and actor name. Returns self; ``other`` can then be dropped.
+
+        Why: a compiled pipeline (:meth:`compile`) costs minutes of compilation and CUDA-graph
+        capture, and both depend only on shapes and on where the weights live — CUDA graphs replay
+        against the parameters' memory, which an in-place copy keeps. A bulk render of many actors
+        of one preset therefore compiles once per renderer instead of once per actor
+        (``cavatar render --compile``). Refused, naming the difference, unless both pipelines hold
+        the same preset and the same variants with the same state-dict keys and shapes.
+        """
+        if not isinstance(other, ConsistentAvatarPipeline):
+            raise ConsistentAvatarError(f"adopt takes a ConsistentAvatarPipeline, got {type(other).__name__}")
+        if other.preset.model_dump() != self.preset.model_dump():
+            raise ConsistentAvatarError(
+                f"cannot adopt actor {other.actor!r}: its preset {other.preset.name!r} differs from this "
+                f"pipeline's {self.preset.name!r} (build a new pipeline for it)"
+            )
+        if set(other.tsdm) != set(self.tsdm) or set(other.fcsd) != set(self.fcsd):
+            raise ConsistentAvatarError(
+                f"cannot adopt actor {other.actor!r}: it holds variants tsdm={sorted(other.tsdm)}, "
+                f"fcsd={sorted(other.fcsd)}; this pipeline tsdm={sorted(self.tsdm)}, fcsd={sorted(self.fcsd)}"
+            )
+        pairs = [(self.tsdm[v], other.tsdm[v]) for v in self.tsdm] + [(self.fcsd[v], other.fcsd[v]) for v in self.fcsd]
+        plans = []
+        for mine, theirs in pairs:  # check everything before changing anything
+            dst, src = mine.state_dict(), theirs.state_dict()
+            if dst.keys() != src.keys() or any(dst[k].shape != src[k].shape for k in dst):
+                raise ConsistentAvatarError(
+                    f"cannot adopt actor {other.actor!r}: its {type(theirs).__name__} networks differ in "
+                    "layout from this pipeline's (another model version?): build a new pipeline for it"
+                )
+            plans.append((dst, src))
+        with torch.no_grad():
+            for dst, src in plans:
+                for key, tensor in dst.items():  # state_dict tensors share the parameters' memory
+                    tensor.copy_(src[key])
+        self.emotions = other.emotions.to(device=self._device, dtype=self._dtype)
+        self.sampling = other.sampling
+        self.lcm = dict(other.lcm)
+        self.tsd = other.tsd
+        self.refiner = other.refiner
+        self.actor = other.actor
+        self._schedulers.clear()  # built from the LCM settings just taken
+        return self
+
     # ---- sampling settings ------------------------------------------------------------------
 
     def _scheduler(self, stage: Stage, kind: SchedulerKind, steps: int) -> SchedulerMixin:

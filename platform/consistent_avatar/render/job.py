@@ -20,7 +20,8 @@ What :func:`render` does, in order:
    The load task reads the unit's rows from the shard files (a filter on ``frame``) and decodes its
    PNGs into contiguous NCHW uint8 arrays. A pool actor loads bundles on first use (``load_bundle`` →
    ``ConsistentAvatarPipeline.from_bundle``, an LRU of ``cache_size`` pipelines; ``compile`` wraps
-   them), pads a short unit to ``batch_size`` under ``compile``, and renders it in one
+   them, and a compiled pipeline evicted from the LRU adopts the next actor's weights in place rather
+   than compiling again — ``ConsistentAvatarPipeline.adopt``), pads a short unit to ``batch_size`` under ``compile``, and renders it in one
    ``ConsistentAvatarPipeline.__call__`` with per-frame seeds ``seed + frame``. The write task writes
    the PNGs and the parquet part and returns the unit's result row (row, actor, frames, seconds,
    error). So while a pool actor renders one unit, tasks decode the next ones and encode the last
@@ -336,12 +337,9 @@ class FrameRenderer:
                 "drivers, or render on CPU (num_gpus_per_actor=0)"
             )
         plan = self.spec.actors[actor]
+        evicted: Any = None
         while len(self.pipelines) >= self.spec.cache_size:
-            self.pipelines.popitem(last=False)
-            if self.device.type == "cuda":
-                import torch
-
-                torch.cuda.empty_cache()
+            _, evicted = self.pipelines.popitem(last=False)
         try:
             bundle = load_bundle(
                 plan.bundle, self.device, self.dtype, variants=plan.variants, verify=self.spec.verify
@@ -354,12 +352,29 @@ class FrameRenderer:
                 refiner = True if self.spec.refine else None
             pipe = ConsistentAvatarPipeline.from_bundle(bundle, refiner=refiner)
             if self.spec.compile:
-                pipe.compile()
+                pipe = self._compiled(pipe, evicted)
         except ConsistentAvatarError as exc:
             self.load_errors[actor] = f"bundle {plan.bundle}: {exc}"
             raise ConsistentAvatarError(self.load_errors[actor]) from exc
+        finally:
+            del evicted
+            if self.device.type == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
         self.pipelines[actor] = pipe
         return pipe
+
+    def _compiled(self, fresh: Any, evicted: Any) -> Any:
+        """A compiled pipeline for ``fresh``'s actor: the evicted compiled pipeline takes its weights in
+        place (``adopt``: no new compilation or CUDA-graph capture, minutes at sd15 shapes) when both
+        have the same preset and networks; otherwise ``fresh`` is compiled."""
+        if evicted is not None:
+            try:
+                return evicted.adopt(fresh)
+            except ConsistentAvatarError as exc:
+                log.info("compiling a new pipeline for %s: %s", fresh.actor, exc)
+        return fresh.compile()
 
     # -- one unit --------------------------------------------------------------------------
 

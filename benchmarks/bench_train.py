@@ -305,10 +305,31 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in stages if s not in ALL_STAGES]
     if unknown:
         p.error(f"unknown stages {unknown}; choose from {ALL_STAGES}")
-    results = []
+    results: list[dict[str, Any]] = []
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"train_{args.preset}_{device.type}.json"
+
+    def save(complete: bool) -> None:
+        """Rewrite the JSON after every stage: a run cut short (a device call's time limit) keeps what
+        it measured."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        total = sum(r["projected_minutes"] for r in results)
+        record = {
+            "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+            "machine": machine(),
+            "settings": {k: v for k, v in vars(args).items()} | {"device": device.type},
+            "results": results,
+            "complete": complete,
+            "projected_total_minutes": round(total, 2),
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        tmp_out = out.with_name(f".{out.name}.tmp")
+        tmp_out.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp_out, out)
+
     with tempfile.TemporaryDirectory() as tmp:
         for stage in stages:
             results.append(bench_stage(stage, args, preset, device, Path(tmp)))
+            save(complete=False)
             r = results[-1]
             print(f"  {stage}: {r['step_ms_median']} ms/step", flush=True)
             if "phase_ms_median" in r:
@@ -339,19 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(r["projected_minutes"] for r in results)
     print(f"paper schedule of the stages above: {total:.1f} min on {device} ({machine().get('gpu', machine().get('cpu_model', '?'))})")
 
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"train_{args.preset}_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine(),
-        "settings": {k: v for k, v in vars(args).items()} | {"device": device.type},
-        "results": results,
-        "projected_total_minutes": round(total, 2),
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    tmp_out.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp_out, out)
+    save(complete=True)
     print(f"wrote {out}")
     return 0
 

@@ -14,7 +14,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         "train",
         help="train actors: stage 2 (TSDM) → stage 3 (FCSD) → LCM distillation → bundle (Ray Train + DeepSpeed)",
     )
-    t.add_argument("--shards", required=True, help="shard folder written by `cavatar prepare`")
+    t.add_argument("--shards", required=True, help="shard folder written by `cavatar prepare`, or its pyarrow filesystem URI (s3://, gs://, file://)")
     t.add_argument("--actors", default="", help="comma-separated actor names (default: every prepared actor)")
     t.add_argument("--preset", default=None, help="model preset name (tiny, small, sd15) or JSON path")
     t.add_argument("--out", required=True, help="run folder (bundles under OUT/bundles/<actor>)")

@@ -1256,9 +1256,10 @@ def render(
             not video_path(out_path, row, a).is_file() for a, p in plans.items() for row in p.rows
         )
         if units or needs_video:
-            from ..cluster import ensure_ray
+            from ..cluster import check_shared_folder, ensure_ray
 
             ensure_ray(include_dashboard=False)  # honours RAY_ADDRESS; a local Ray otherwise
+            check_shared_folder(out_path, "OUT")  # write tasks on any node write here by path
         errors: dict[tuple[str, str], list[str]] = {}
         job_error: str | None = None
         interrupted = False

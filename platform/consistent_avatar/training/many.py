@@ -212,11 +212,13 @@ def train(
     names = check_actors(shards, actors)
     out = Path(out).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)
-    if force:
-        _remove_runs(out, names, config)
-    from ..cluster import ensure_ray
+    from ..cluster import check_shared_folder, ensure_ray
 
     ensure_ray()  # honours RAY_ADDRESS; else a local Ray (with its state API when installed)
+    # per-actor drivers and workers on any node write runs, aligned-TSD files and bundles here
+    check_shared_folder(out, "RUNS (--out)")
+    if force:
+        _remove_runs(out, names, config)
     report = train_many(shards, names, config, out, progress=progress)
     from ..io import atomic_write_json
 

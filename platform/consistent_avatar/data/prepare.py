@@ -325,7 +325,9 @@ def _write_manifest(out: Path, config: PrepareConfig, emotion_info: dict[str, An
 
 def prepare(sources: list[str], out: str | Path, config: PrepareConfig | None = None) -> PrepareReport:
     """Prepare every actor found under ``sources`` into shards under ``out``. Needs a running Ray
-    (``ray.init`` is called with defaults when none is)."""
+    (``ray.init`` is called with defaults when none is). On a cluster of several nodes the chunk
+    writers run anywhere, so ``out`` (checked before the job starts) and ``sources`` must be shared
+    volumes mounted at the same paths on every node."""
     import ray
 
     from ..emotion import EmotionDatabase, EmotionLabeller
@@ -410,9 +412,10 @@ def prepare(sources: list[str], out: str | Path, config: PrepareConfig | None = 
 
     # 4: the Ray Data job
     if plans:
-        from ..cluster import ensure_ray
+        from ..cluster import check_shared_folder, ensure_ray
 
         ensure_ray(include_dashboard=False)  # honours RAY_ADDRESS; a local Ray otherwise
+        check_shared_folder(out, "the shard folder (--out)")  # chunk writers on any node write here
         items = [
             {"actor": name, "start": s, "stop": min(s + config.frames_per_task, p.source.num_frames)}
             for name, p in plans.items()

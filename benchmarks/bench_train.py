@@ -189,8 +189,8 @@ def bench_stage(stage: str, args: argparse.Namespace, preset: ModelPreset, devic
         update={"batch_size": args.batch, "micro_batch_size": args.batch, "zero_stage": args.zero,
                 "precision": args.dtype}
     ).model_dump(mode="json")
-    perf = {"channels_last": args.channels_last, "compile": args.compile, "fused_adam": None, "tf32": True,
-            "lean_zero_step": args.lean_zero_step}
+    perf = {"channels_last": args.channels_last, "compile": args.compile, "compile_mode": args.compile_mode,
+            "fused_adam": None, "tf32": True, "lean_zero_step": args.lean_zero_step}
     kind = STAGE_KIND[stage]
     inputs: dict[str, str] = {}
     if stage.startswith("lcm_"):  # a teacher to distil: the randomly initialised stage model
@@ -283,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zero", type=int, default=2, choices=[0, 1, 2])
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
+                   help="inductor mode of --compile (performance.compile_mode)")
     p.add_argument("--latents", action=argparse.BooleanOptionalAction, default=True,
                    help="feed precomputed VAE latents (as shards with latents do)")
     p.add_argument("--phases", action="store_true", help="also time forward / backward / optimiser step apart")

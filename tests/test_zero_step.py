@@ -169,3 +169,30 @@ def test_fused_step_equals_deepspeeds_under_zero1_and_gradient_accumulation(
     assert tiled and all(tiled)  # every fused norm / overflow call found one flat buffer
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(runs[False][1], runs[True][1]))
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """performance.compile_mode is the inductor mode the trainer compiles its UNets/ControlNets with
+    (reduce-overhead: CUDA graphs for the host-bound step); an unknown mode is a config error."""
+    import types
+
+    from diffusers import UNet2DConditionModel
+
+    from consistent_avatar.errors import ConsistentAvatarError
+    from consistent_avatar.training.loop import _prepare_modules
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8, norm_num_groups=4,
+        attention_head_dim=2, sample_size=8,
+    )
+    seen: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **k: seen.append((type(self).__name__, k)))
+    runner = types.SimpleNamespace(speed_roots=lambda: [unet])
+    spec = types.SimpleNamespace(performance=TrainConfig.parse(
+        {"performance": {"compile": True, "compile_mode": "reduce-overhead", "channels_last": False}}
+    ).performance.model_dump(mode="json"))
+    _prepare_modules(runner, spec, cuda=False)  # type: ignore[arg-type]
+    assert seen == [("UNet2DConditionModel", {"mode": "reduce-overhead"})]
+    with pytest.raises(ConsistentAvatarError, match="compile_mode"):
+        TrainConfig.parse({"performance": {"compile_mode": "fastest"}})

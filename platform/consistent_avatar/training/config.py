@@ -121,6 +121,11 @@ class DataSection(_Strict):
 class PerformanceSection(_Strict):
     channels_last: bool | None = Field(None, description="None: on GPU only")
     compile: bool | None = Field(None, description="torch.compile UNet/ControlNet; None: on GPU only")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = Field(
+        "default",
+        description="inductor mode of that compile; reduce-overhead adds CUDA graphs (fewer kernel launches from "
+        "the host; the step is host-bound, benchmarks/README.md), not yet measured in training",
+    )
     fused_adam: bool | None = Field(None, description="None: on GPU only")
     lean_zero_step: bool = Field(
         True, description="one fused gradient-norm and overflow check per ZeRO step instead of one per parameter"

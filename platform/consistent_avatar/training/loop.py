@@ -272,9 +272,10 @@ def _prepare_modules(runner: StageRunner, spec: StageSpec, cuda: bool) -> None:
             if not any(p.requires_grad for p in m.parameters()):
                 m.to(memory_format=torch.channels_last)
     if _perf(spec, cuda, "compile"):
+        mode = spec.performance.get("compile_mode") or "default"
         for m in modules:
             if type(m).__name__ != "AutoencoderKL":
-                m.compile()
+                m.compile(mode=mode)
 
 
 def setup_backend(device: torch.device, performance: dict[str, Any]) -> None:

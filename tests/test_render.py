@@ -436,14 +436,19 @@ def test_many_problems_are_reported_together(no_ray_work, shards: Path, bundles:
 # ---------------------------------------------------------------------------------------------
 
 
+def _cpu_job(out: Path, plans: dict, *, compile: bool, batch_size: int) -> render_job.JobSpec:
+    """The JobSpec of a one-thread float32 CPU render into ``out`` with an LRU of one pipeline."""
+    return render_job.JobSpec(
+        out=str(out), actors=plans, seed=0, use_gpu=False, dtype="float32", num_threads=1,
+        compile=compile, batch_size=batch_size, refine=None, refiner=None, cache_size=1, verify=True,
+    )
+
+
 def test_a_killed_batch_leaves_nothing_half_written(shards: Path, bundles: Path, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "OUT"
     config = RenderConfig(actors=["actor_000"], progress=False)
     _, plans = render_job._check_inputs(shards, str(bundles), config)
-    spec = render_job.JobSpec(
-        out=str(out), actors=plans, seed=0, use_gpu=False, dtype="float32", num_threads=1,
-        compile=False, batch_size=8, refine=None, refiner=None, cache_size=1, verify=True,
-    )
+    spec = _cpu_job(out, plans, compile=False, batch_size=8)
     renderer = render_job.FrameRenderer(spec)
     unit = {"row": np.array(["full"]), "actor": np.array(["actor_000"]), "frames": np.array([json.dumps(TEST_FRAMES)])}
     settings = plans["actor_000"].rows["full"].settings
@@ -688,10 +693,7 @@ def test_a_compiled_renderer_pads_short_units_to_its_batch_size(
     images = {}
     for compiled in (False, True):
         out = tmp_path / f"OUT{int(compiled)}"
-        spec = render_job.JobSpec(
-            out=str(out), actors=plans, seed=0, use_gpu=False, dtype="float32", num_threads=1,
-            compile=compiled, batch_size=5, refine=None, refiner=None, cache_size=1, verify=True,
-        )
+        spec = _cpu_job(out, plans, compile=compiled, batch_size=5)
         result = render_job.render_units_locally(spec, unit)
         assert result["error"].tolist() == [""] and result["frames"].tolist() == [3]
         settings = plans["actor_000"].rows["full"].settings
@@ -765,10 +767,7 @@ def test_a_compiled_renderer_reuses_its_compiled_pipeline_for_the_next_actor(
     images = {}
     for compile_ in (False, True):
         out = tmp_path / f"OUT{int(compile_)}"
-        spec = render_job.JobSpec(
-            out=str(out), actors=plans, seed=0, use_gpu=False, dtype="float32", num_threads=1,
-            compile=compile_, batch_size=3, refine=None, refiner=None, cache_size=1, verify=True,
-        )
+        spec = _cpu_job(out, plans, compile=compile_, batch_size=3)
         renderer = render_job.FrameRenderer(spec)
         for actor in ("actor_000", "actor_001"):
             unit = {"row": np.array(["full"]), "actor": np.array([actor]), "frames": np.array([json.dumps(TEST_FRAMES[:3])])}

@@ -87,7 +87,9 @@ class VideoFrames:
         """Frames ``indices`` (any order, repeats allowed) as (N, H, W, 3) uint8 RGB.
 
         The decoder is asked for each distinct frame once, in increasing order (cheapest seeking);
-        a failing batch is retried frame by frame to name the first frame that does not decode.
+        a failing batch is retried frame by frame (:meth:`_decode_each`): the first frame that does not
+        decode is named, and a batch that failed only because the decoder read ahead into later damage
+        is returned.
         """
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size == 0:
@@ -108,7 +110,7 @@ class VideoFrames:
             raise
         except Exception as exc:
             self.close()  # a decoder that failed mid-stream is not trusted for the next read
-            raise self._locate_failure(uniq, exc) from None
+            frames = self._decode_each(uniq, exc)
         if frames.ndim != 4 or frames.shape[0] != len(uniq) or frames.shape[3] != 3:
             raise ActorDataError(
                 self.actor,
@@ -118,35 +120,49 @@ class VideoFrames:
             )
         return frames[inverse.reshape(-1)]
 
-    def _locate_failure(self, uniq: np.ndarray, exc: BaseException) -> ActorDataError:
+    def _decode_alone(self, index: int, attempts: int = 3) -> tuple[np.ndarray | None, BaseException | None]:
+        """Frame ``index`` (H, W, 3) decoded by a fresh single-threaded reader, or the error of the
+        last of ``attempts`` tries when every one fails."""
+        error: BaseException | None = None
+        for _ in range(attempts):
+            try:
+                return self._open(num_threads=1).get_batch([index]).asnumpy()[0], None
+            except ActorDataError:
+                raise
+            except Exception as exc:  # decord raises its own DECORDError (and RuntimeError)
+                error = exc
+            finally:
+                self.close()
+        return None, error
+
+    def _decode_each(self, uniq: np.ndarray, exc: BaseException) -> np.ndarray:
+        """After batch ``uniq`` failed with ``exc``: the frames decoded one at a time, or an error naming
+        the first frame that does not decode alone.
+
+        A decoder reads packets ahead (the multi-threaded one on several threads, the single-threaded
+        one in its own thread), so damage *after* the batch can fail the batch — and, now and then, a
+        single frame before it (seen: frame 0 of a file damaged from frame 5 on, about 1 try in 5).
+        So every frame is decoded by a fresh reader, a frame is blamed only when all tries fail, and a
+        batch whose frames all decode alone is returned instead of refused.
+        """
         if _PADDED_ROWS in str(exc):
-            return ActorDataError(
+            raise ActorDataError(
                 self.actor,
                 f"{self.label} ({self.path}): decord 0.6 cannot copy frames of this width (FFmpeg pads "
                 "their rows; seen at widths such as 16, 24, 48 and 72 px): re-encode the video at "
                 "another width, e.g. a multiple of 32",
                 int(uniq[0]),
             )
-        # A multi-threaded decoder reads packets ahead, so a damaged later frame can fail the
-        # decode of an earlier one: locate the failure with a single-threaded decoder.
-        self.close()
+        frames = []
         for i in uniq.tolist():
-            try:
-                self._open(num_threads=1).get_batch([i]).asnumpy()
-            except ActorDataError:
-                raise
-            except Exception as one:
-                self.close()
-                return ActorDataError(
+            frame, error = self._decode_alone(i)
+            if frame is None:
+                assert error is not None
+                raise ActorDataError(
                     self.actor,
-                    f"{self.label} ({self.path}): frame {i} cannot be decoded ({decoder_message(one)}): "
+                    f"{self.label} ({self.path}): frame {i} cannot be decoded ({decoder_message(error)}): "
                     "the file is damaged; re-export or re-encode it",
                     i,
                 )
-        self.close()  # back to the default (multi-threaded) decoder for later reads
-        return ActorDataError(
-            self.actor,
-            f"{self.label} ({self.path}): decoding frames {int(uniq[0])}..{int(uniq[-1])} failed "
-            f"({decoder_message(exc)}) although each decodes alone: re-encode the video",
-            int(uniq[0]),
-        )
+            frames.append(frame)
+        return np.stack(frames)

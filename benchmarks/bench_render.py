@@ -333,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile the networks in each pool actor")
     ap.add_argument(
+        "--cache-size", type=int, default=2,
+        help="actor pipelines each pool actor keeps (render's --cache-size); with --compile and more actors than "
+        "this, later actors adopt a compiled pipeline instead of compiling (ConsistentAvatarPipeline.adopt)",
+    )
+    ap.add_argument(
         "--no-video", action="store_true", help="write no mp4 (default: mp4s are part of the job)"
     )
     ap.add_argument("--no-verify", action="store_true", help="skip the bundles' sha256 check on load")
@@ -367,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         **({} if args.io_cpus is None else {"io_cpus": args.io_cpus}),
         dtype=args.dtype,
         compile=args.compile,
+        cache_size=args.cache_size,
         video=not args.no_video,
         verify_bundles=not args.no_verify,
         force=True,

@@ -392,7 +392,7 @@ def test_two_actors_train_at_once_and_a_broken_one_fails_alone(shards: Path, tmp
 def test_trainer_paths_are_absolute_or_uris(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray Train refuses a relative storage_path ("URI has empty scheme") and its workers resolve relative
     shard paths against their own working directory: `cavatar train --out runs/x` must still work."""
-    from consistent_avatar.training.actor import absolute_or_uri
+    from consistent_avatar.io import absolute_or_uri
 
     monkeypatch.chdir(tmp_path)
     assert absolute_or_uri("runs/demo/train/a/checkpoints") == str(tmp_path / "runs/demo/train/a/checkpoints")

@@ -27,6 +27,14 @@ def is_uri(location: str | os.PathLike[str]) -> bool:
     return "://" in os.fspath(location)
 
 
+def absolute_or_uri(location: str | os.PathLike[str]) -> str:
+    """A URI as given; a local path made absolute. Ray Train hands ``storage_path`` to
+    ``pyarrow.fs.FileSystem.from_uri`` (which refuses ``runs/x``), and Ray workers do not run in the
+    driver's working directory, so every location a job hands to other processes goes through here."""
+    text = os.fspath(location)
+    return text if is_uri(text) else str(Path(text).expanduser().absolute())
+
+
 def resolve_filesystem(location: str | os.PathLike[str], what: str = "storage") -> tuple[Any, str]:
     """(pyarrow filesystem, path on it) of a local path or a pyarrow filesystem URI (``file:///…``,
     ``s3://bucket/…``, ``gs://bucket/…``). A local path is made absolute, on the local filesystem.

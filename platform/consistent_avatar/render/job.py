@@ -104,7 +104,15 @@ import pyarrow.parquet as pq
 from ..data.layout import EXPRESSION_DIM, POSE_DIM
 from ..data.shards import Shards, actor_parts, load_manifest, open_shards
 from ..errors import ConsistentAvatarError
-from ..io import decode_png, fingerprint_of, remove_stale_staging, require_local_dir, resolve_filesystem
+from ..io import (
+    absolute_or_uri,
+    decode_png,
+    fingerprint_of,
+    is_uri,
+    remove_stale_staging,
+    require_local_dir,
+    resolve_filesystem,
+)
 from .config import ROWS, RenderConfig, row_switches
 from .outputs import (
     FRAMES_DIR,
@@ -548,10 +556,8 @@ class _BundleInfo:
 
 def bundle_location(bundles: str | os.PathLike[str], actor: str) -> str:
     """``<bundles>/<actor>`` for a local folder or a pyarrow URI (s3://…, gs://…)."""
-    text = os.fspath(bundles)
-    if "://" in text:
-        return f"{text.rstrip('/')}/{actor}"
-    return str(Path(text).expanduser().absolute() / actor)
+    text = absolute_or_uri(bundles)
+    return f"{text.rstrip('/')}/{actor}" if is_uri(text) else str(Path(text) / actor)
 
 
 def _inspect_bundle(location: str) -> _BundleInfo:
@@ -573,7 +579,7 @@ def _inspect_bundle(location: str) -> _BundleInfo:
         digest = hashlib.sha256((root / MANIFEST_FILE).read_bytes()).hexdigest()[:16]
         return _BundleInfo(manifest, preset.resolution, preset.name, labels, digest)
 
-    if "://" not in location:
+    if not is_uri(location):
         return inspect(Path(location))
     from pyarrow import fs as pafs
 
@@ -758,7 +764,7 @@ def _check_inputs(
             file_of=file_of,
             rows=rows,
         )
-    if config.refiner is not None and "://" not in config.refiner and not Path(config.refiner).is_dir():
+    if config.refiner is not None and not is_uri(config.refiner) and not Path(config.refiner).is_dir():
         problems.append(f"refiner {config.refiner} is not a directory")
     if problems:
         raise ConsistentAvatarError(
@@ -1235,9 +1241,7 @@ def render(
         "the bucket afterwards (SHARDS and BUNDLES may be URIs)",
     )
     store = open_shards(shards)  # resolved once: the plans carry its filesystem to every task
-    bundles_text = os.fspath(bundles)
-    if "://" not in bundles_text:
-        bundles_text = str(Path(bundles_text).expanduser().absolute())
+    bundles_text = absolute_or_uri(bundles)
 
     _, plans = _check_inputs(store, os.fspath(bundles), config)
     report = RenderReport(out=out_path, split=config.split, rows=list(config.rows), actors=list(plans))

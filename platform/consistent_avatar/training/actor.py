@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from ..errors import ActorDataError, ConsistentAvatarError
-from ..io import atomic_write_json, fingerprint_of, publish_dir, read_json, staging_dir
+from ..io import absolute_or_uri, atomic_write_json, fingerprint_of, is_uri, publish_dir, read_json, staging_dir
 from ..models.presets import ModelPreset, load_preset
 from .config import STAGE_ORDER, StageName, TrainConfig
 from .data import ALIGNED_TSD_COLUMN, ActorData, StageCollate, inspect_actor, same_directory, stage_columns, train_dataset
@@ -73,20 +73,10 @@ def _local_bytes(files: Sequence[str]) -> int | None:
     total = 0
     for f in files:
         path = Path(f)
-        if "://" in str(f) or not path.is_file():
+        if is_uri(f) or not path.is_file():
             return None
         total += path.stat().st_size
     return total
-
-
-def absolute_or_uri(path: str | os.PathLike[str]) -> str:
-    """A URI as given; a local path made absolute. Ray Train hands ``storage_path`` to
-    ``pyarrow.fs.FileSystem.from_uri`` (which refuses ``runs/x``), and its workers do not run in this
-    process's working directory, so every path a trainer receives goes through here."""
-    text = os.fspath(path)
-    if "://" in text:
-        return text
-    return str(Path(text).expanduser().absolute())
 
 
 @dataclass

@@ -25,7 +25,8 @@ from typing import Any
 import ray
 
 from ..errors import ConsistentAvatarError
-from .actor import ActorOutcome, ActorTrainer, absolute_or_uri, resolve_preset, scaling_for
+from ..io import absolute_or_uri
+from .actor import ActorOutcome, ActorTrainer, resolve_preset, scaling_for
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)

@@ -196,6 +196,11 @@ def actor_files(shards: str | os.PathLike[str] | Shards, actor: str) -> list[Pat
     """The parquet files of one prepared actor: paths for local shards, URIs (``<shards>/actors/
     <actor>/part-….parquet``) for shards given as a URI."""
     store, files = actor_parts(shards, actor)
+    return part_locations(store, actor, files)
+
+
+def part_locations(store: Shards, actor: str, files: list[str]) -> list[Path] | list[str]:
+    """``actor_parts``' files as :func:`actor_files` names them (for a caller that has listed them)."""
     if store.local:
         return [Path(f) for f in files]
     base, _, query = store.location.partition("?")

@@ -26,10 +26,10 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ..data.shards import (
     ACTOR_MANIFEST_FILE,
     ACTORS_DIR,
-    actor_files,
     actor_parts,
     load_manifest,
     open_shards,
+    part_locations,
     read_emotion_table,
     read_shard_json,
 )
@@ -66,8 +66,8 @@ def inspect_actor(shards: str | Path, actor: str, resolution: int, emotion_dim: 
     try:
         store = open_shards(shards)  # a local path or a pyarrow filesystem URI, resolved once
         manifest = load_manifest(store)
-        files = actor_files(store, actor)
-        _, parts = actor_parts(store, actor)
+        _, parts = actor_parts(store, actor)  # listed once; named as actor_files names them
+        files = part_locations(store, actor, parts)
         meta = read_shard_json(store, ACTORS_DIR, actor, ACTOR_MANIFEST_FILE)
     except ConsistentAvatarError as exc:
         raise ActorDataError(actor, str(exc)) from None

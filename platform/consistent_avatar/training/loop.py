@@ -131,8 +131,8 @@ def lean_zero_step(engine: Any) -> bool:
       ``amax``, ``amin``, two ``isfinite`` and a logical op, then an add into a counter — about six
       kernels per parameter, before one all-reduce and one ``.item()``.
 
-    Here, when the gradients tile one buffer, the norm is ``vector_norm(buffer, dtype=float64)`` (the
-    same fp64 accumulation, so the same clipping factor up to fp64 rounding) and the overflow test is
+    Here, when the gradients tile one buffer, the norm is ``vector_norm(…, dtype=float64)`` over the
+    buffer in chunks (the same fp64 accumulation, so the same clipping factor up to fp64 rounding) and the overflow test is
     ``has_inf_or_nan(buffer)`` (the same answer: a non-finite gradient still skips the step). Everything
     after (all-reduces, ``.item()``, clipping, Adam, loss scale) is DeepSpeed's own code. Otherwise
     (offload, several ranks owning parts of a parameter, zero padding that is not all-zero...) each call

@@ -348,6 +348,12 @@ class FrameRenderer:
         evicted: Any = None
         while len(self.pipelines) >= self.spec.cache_size:
             _, evicted = self.pipelines.popitem(last=False)
+        if evicted is not None and not self.spec.compile:
+            evicted = None  # nothing to reuse: free its memory before the next bundle loads
+            if self.device.type == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
         try:
             bundle = load_bundle(
                 plan.bundle, self.device, self.dtype, variants=plan.variants, verify=self.spec.verify
@@ -364,12 +370,6 @@ class FrameRenderer:
         except ConsistentAvatarError as exc:
             self.load_errors[actor] = f"bundle {plan.bundle}: {exc}"
             raise ConsistentAvatarError(self.load_errors[actor]) from exc
-        finally:
-            del evicted
-            if self.device.type == "cuda":
-                import torch
-
-                torch.cuda.empty_cache()
         self.pipelines[actor] = pipe
         return pipe
 

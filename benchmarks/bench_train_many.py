@@ -40,7 +40,9 @@ call, Ray Train's fixed cost per stage included; the end-to-end speed-up compare
 wall second with one actor's steps per wall second. The target is 0.95·K (1.9× for K = 2).
 
 Prints progress and a table; writes JSON (default ``benchmarks/results/train_many_<preset>_<device>.json``)
-with the command, the machine, a timestamp, the settings, the results and these notes.
+with the command, the machine, a timestamp, the settings, the results and these notes — rewritten after
+the inputs, the prefix and each run, with ``complete: false`` until the end, so that a run cut short (a
+device call's time limit) keeps the phases it finished.
 
     PYTHONPATH=platform python benchmarks/bench_train_many.py --preset tiny            # CPU, ~4 min
     PYTHONPATH=platform python benchmarks/bench_train_many.py --preset sd15 --actors 2 --steps 60
@@ -415,7 +417,32 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp.name)
     runs = work / "train"
     shutil.rmtree(runs, ignore_errors=True)  # a timed stage must never be "up to date"
-    record: dict[str, Any] = {}
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"train_many_{args.preset}_{device}.json"
+    record: dict[str, Any] = {
+        "benchmark": "train_many",
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine(),
+        "settings": {
+            **{k_: v for k_, v in vars(args).items() if k_ not in ("out", "work", "verbose")},
+            "device": device, "gpus_per_worker": gpus, "cpus_per_worker": cpus, "workers_per_trainer": 1,
+            "ray_cluster": cluster,
+        },
+        "phases_s": {},
+        "results": [],
+        "complete": False,
+        "notes": NOTES,
+    }
+
+    def save() -> None:
+        """Rewrite the JSON after every phase (``complete`` false until the end): a run cut short by a
+        time limit keeps what it measured."""
+        record["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        record["phases_s"]["total"] = round(time.perf_counter() - t_start, 2)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_out = out.with_name(f".{out.name}.tmp")
+        tmp_out.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp_out, out)
+
     try:
         t = time.perf_counter()
         preset_arg, preset_changes = bench_preset(work, args.preset, args.full_prefix)
@@ -430,17 +457,28 @@ def main(argv: list[str] | None = None) -> int:
         prefix_cfg = config.model_copy(update={"until": "lcm_tsdm"}).with_overrides(
             [f"scaling.resources_per_worker={json.dumps({k_: v / 2 for k_, v in config.scaling.resources_per_worker.items()})}"]
         )
+        record["settings"].update({
+            "preset_changes": preset_changes,
+            "prefix": {"until": "lcm_tsdm", "steps": {"tsdm": 1, "lcm_tsdm": 1},
+                       "resources_per_worker": prefix_cfg.scaling.resources_per_worker},
+            "train_config": config.model_dump(mode="json"),
+        })
+        record["phases_s"]["inputs"] = round(inputs_s, 2)
+        save()
         prefix, prefix_s = run_train(shards, names, prefix_cfg, runs, "prefix", ["tsdm", "lcm_tsdm"])
+        record["phases_s"]["prefix"] = round(prefix_s, 2)
+        save()
         if not prefix.ok:
             raise SystemExit(f"prefix failed: {prefix.failed}")
         if not args.keep_checkpoints:
             for a in names:
                 shutil.rmtree(runs / a / "checkpoints", ignore_errors=True)
 
-        results = []
+        results = record["results"]
         for label, actors in (("1 actor", names[:1]), (f"{k} actors", names[1:])):
             report, wall = run_train(shards, actors, config, runs, label, [args.stage])
             results.append(run_result(label, report, wall, runs, args.stage, args))
+            save()
             r = results[-1]
             if r["ok"]:
                 print(f"{label}: {r['steps_per_s']:.3f} steps/s steady (" +
@@ -487,31 +525,8 @@ def main(argv: list[str] | None = None) -> int:
                 print("warning: the actors' steady windows overlap by less than 90%: the sum of rates overstates "
                       "the concurrent throughput; see common_window", flush=True)
 
-        record = {
-            "benchmark": "train_many",
-            "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-            "machine": machine(),
-            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "settings": {
-                **{k_: v for k_, v in vars(args).items() if k_ not in ("out", "work", "verbose")},
-                "device": device, "gpus_per_worker": gpus, "cpus_per_worker": cpus, "workers_per_trainer": 1,
-                "ray_cluster": cluster, "preset_changes": preset_changes,
-                "prefix": {"until": "lcm_tsdm", "steps": {"tsdm": 1, "lcm_tsdm": 1},
-                           "resources_per_worker": prefix_cfg.scaling.resources_per_worker},
-                "train_config": config.model_dump(mode="json"),
-            },
-            "phases_s": {"inputs": round(inputs_s, 2), "prefix": round(prefix_s, 2),
-                         "total": round(time.perf_counter() - t_start, 2)},
-            "results": results,
-            "speedup": speedup,
-            "ok": ok,
-            "notes": NOTES,
-        }
-        out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"train_many_{args.preset}_{device}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = out.with_name(f".{out.name}.tmp")
-        tmp_out.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp_out, out)
+        record.update(speedup=speedup, ok=ok, complete=True)
+        save()
         print(f"wrote {out} (total {record['phases_s']['total']:.0f} s)")
         return 0 if ok else 1
     finally:

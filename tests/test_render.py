@@ -436,11 +436,14 @@ def test_many_problems_are_reported_together(no_ray_work, shards: Path, bundles:
 # ---------------------------------------------------------------------------------------------
 
 
-def _cpu_job(out: Path, plans: dict, *, compile: bool, batch_size: int) -> render_job.JobSpec:
+def _cpu_job(
+    out: Path, plans: dict, *, compile: bool, batch_size: int, compile_cache: str | None = None
+) -> render_job.JobSpec:
     """The JobSpec of a one-thread float32 CPU render into ``out`` with an LRU of one pipeline."""
     return render_job.JobSpec(
         out=str(out), actors=plans, seed=0, use_gpu=False, dtype="float32", num_threads=1,
-        compile=compile, batch_size=batch_size, refine=None, refiner=None, cache_size=1, verify=True,
+        compile=compile, compile_cache=compile_cache, batch_size=batch_size, refine=None, refiner=None,
+        cache_size=1, verify=True,
     )
 
 

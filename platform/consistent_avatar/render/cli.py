@@ -55,6 +55,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="network dtype (auto: bfloat16 on GPU, float32 on CPU)")
     r.add_argument("--compile", action="store_true", help="torch.compile the networks in each pool actor")
+    r.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="with --compile: torch.compile's cache folder, shared by every pool actor and later jobs "
+                   "(a volume every node mounts; default: torch's, per node)")
     ref = r.add_mutually_exclusive_group()
     ref.add_argument("--refiner", default=None, help="refiner directory overriding the bundles' reference")
     ref.add_argument("--no-refiner", action="store_true", help="render without the refiner the bundles reference")
@@ -88,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> RenderConfig:
         io_cpus=args.io_cpus,
         dtype=args.dtype,
         compile=args.compile,
+        compile_cache=args.compile_cache,
         refine=False if args.no_refiner else None,
         refiner=args.refiner,
         cache_size=args.cache_size,
@@ -111,6 +115,7 @@ def command_line(shards: str, bundles: str, out: str, config: RenderConfig) -> s
         ("--teacher-sampler", config.teacher_sampler),
         ("--teacher-steps", config.teacher_steps),
         ("--refiner", config.refiner),
+        ("--compile-cache", config.compile_cache),
     ):
         if value is not None:
             argv += [flag, str(value)]

@@ -72,6 +72,11 @@ class RenderConfig(BaseModel):
     )
     dtype: DType = Field("auto", description="network dtype; auto = bfloat16 on GPU, float32 on CPU")
     compile: bool = Field(False, description="torch.compile the UNets and ControlNets in each pool actor")
+    compile_cache: str | None = Field(
+        None,
+        description="folder (ideally on a volume every node mounts) for torch.compile's cache, shared by the pool "
+        "actors of this and later jobs; None: torch's default, per node (see consistent_avatar.compile_cache)",
+    )
     refine: bool | None = Field(
         None, description="SDXL refiner pass: None = if the bundle references one, False = off, True = required"
     )
@@ -114,6 +119,8 @@ class RenderConfig(BaseModel):
                 raise ValueError(f"concurrency (min, max) must have 1 <= min <= max, got {self.concurrency}")
         if self.refine is False and self.refiner is not None:
             raise ValueError("refiner is set but refine is False")
+        if self.compile_cache is not None and not self.compile:
+            raise ValueError("compile_cache is set but compile is off: nothing would use it (add compile)")
         return self
 
     @property

@@ -21,8 +21,9 @@ What :func:`render` does, in order:
    PNGs into contiguous NCHW uint8 arrays. A pool actor loads bundles on first use (``load_bundle`` →
    ``ConsistentAvatarPipeline.from_bundle``, an LRU of ``cache_size`` pipelines; ``compile`` wraps
    them, and a compiled pipeline evicted from the LRU adopts the next actor's weights in place rather
-   than compiling again — ``ConsistentAvatarPipeline.adopt``), pads a short unit to ``batch_size`` under ``compile``, and renders it in one
-   ``ConsistentAvatarPipeline.__call__`` with per-frame seeds ``seed + frame``. The write task writes
+   than compiling again — ``ConsistentAvatarPipeline.adopt``; with ``compile_cache`` every pool actor
+   compiles through one shared torch.compile cache, :mod:`consistent_avatar.compile_cache`), pads a
+   short unit to ``batch_size`` under ``compile``, and renders it in one ``ConsistentAvatarPipeline.__call__`` with per-frame seeds ``seed + frame``. The write task writes
    the PNGs and the parquet part and returns the unit's result row (row, actor, frames, seconds,
    error). So while a pool actor renders one unit, tasks decode the next ones and encode the last
    ones: the pool actor's time goes to the pipeline. A unit that fails at any stage carries its error
@@ -101,6 +102,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..compile_cache import check_compile_cache, use_compile_cache
 from ..data.layout import EXPRESSION_DIM, POSE_DIM
 from ..data.shards import Shards, actor_parts, load_manifest, open_shards
 from ..errors import ConsistentAvatarError
@@ -182,6 +184,7 @@ class JobSpec:
     dtype: str
     num_threads: int
     compile: bool
+    compile_cache: str | None
     batch_size: int
     refine: bool | None
     refiner: str | None
@@ -324,6 +327,11 @@ class FrameRenderer:
         else:
             self.device = torch.device("cpu")
             torch.set_num_threads(max(1, spec.num_threads))
+        if spec.compile_cache is not None:
+            try:
+                use_compile_cache(spec.compile_cache)  # before this process compiles anything
+            except ConsistentAvatarError as exc:  # e.g. the volume is not mounted on this node
+                log.warning("%s: this pool actor compiles with torch's own cache", exc)
         self.dtype = getattr(torch, spec.dtype)
         self.pipelines: OrderedDict[str, Any] = OrderedDict()
         self.load_errors: dict[str, str] = {}
@@ -1110,6 +1118,7 @@ def _run_pool(
         dtype=config.torch_dtype_name,
         num_threads=max(1, int(config.num_cpus_per_actor)),
         compile=config.compile,
+        compile_cache=config.compile_cache,
         batch_size=config.batch_size,
         refine=config.refine,
         refiner=config.refiner,
@@ -1240,6 +1249,8 @@ def render(
         "rename, which object stores do not offer; render into a local or shared folder and copy it to "
         "the bucket afterwards (SHARDS and BUNDLES may be URIs)",
     )
+    if config.compile_cache is not None:  # a bad folder fails here, before any Ray work
+        config = config.model_copy(update={"compile_cache": str(check_compile_cache(config.compile_cache))})
     store = open_shards(shards)  # resolved once: the plans carry its filesystem to every task
     bundles_text = absolute_or_uri(bundles)
 

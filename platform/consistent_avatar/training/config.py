@@ -126,6 +126,11 @@ class PerformanceSection(_Strict):
         description="inductor mode of that compile; reduce-overhead adds CUDA graphs (fewer kernel launches from "
         "the host; the step is host-bound, benchmarks/README.md), not yet measured in training",
     )
+    compile_cache: str | None = Field(
+        None,
+        description="folder for torch.compile's cache shared by every trainer (a volume every node mounts): each "
+        "actor and stage after the first of its shapes reuses the compiled kernels; None: torch's default, per node",
+    )
     fused_adam: bool | None = Field(None, description="None: on GPU only")
     lean_zero_step: bool = Field(
         True, description="one fused gradient-norm and overflow check per ZeRO step instead of one per parameter"

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ..compile_cache import use_compile_cache
 from ..errors import ConsistentAvatarError
 from ..io import atomic_write_json
 from .data import to_device
@@ -292,6 +293,11 @@ def setup_backend(device: torch.device, performance: dict[str, Any]) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    if performance.get("compile_cache") is not None:
+        try:
+            use_compile_cache(performance["compile_cache"])  # before this process compiles anything
+        except ConsistentAvatarError as exc:  # e.g. the volume is not mounted on this node
+            log.warning("%s: this worker compiles with torch's own cache", exc)
 
 
 def build_engine(spec: StageSpec, device: torch.device, world: int) -> tuple[StageRunner, Any, torch.optim.Optimizer]:

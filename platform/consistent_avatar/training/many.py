@@ -24,6 +24,7 @@ from typing import Any
 
 import ray
 
+from ..compile_cache import check_compile_cache
 from ..errors import ConsistentAvatarError
 from ..io import absolute_or_uri
 from .actor import ActorOutcome, ActorTrainer, resolve_preset, scaling_for
@@ -209,6 +210,11 @@ def train(
     if preset:
         config = config.model_copy(update={"preset": preset})
     resolve_preset(config)  # fail fast on a bad preset, before any cluster work
+    if config.performance.compile_cache is not None:  # absolute: workers do not run in this folder
+        cache = str(check_compile_cache(config.performance.compile_cache))
+        config = config.model_copy(
+            update={"performance": config.performance.model_copy(update={"compile_cache": cache})}
+        )
     shards = absolute_or_uri(shards)
     names = check_actors(shards, actors)
     out = Path(out).expanduser().absolute()

@@ -332,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile the networks in each pool actor")
+    ap.add_argument("--compile-cache", default=None, metavar="DIR",
+                    help="torch.compile cache folder of the pool actors (render --compile-cache): run twice with the "
+                    "same DIR to time a render whose compilation hits the cache")
     ap.add_argument(
         "--cache-size", type=int, default=2,
         help="actor pipelines each pool actor keeps (render's --cache-size); with --compile and more actors than "
@@ -372,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         **({} if args.io_cpus is None else {"io_cpus": args.io_cpus}),
         dtype=args.dtype,
         compile=args.compile,
+        compile_cache=args.compile_cache,
         cache_size=args.cache_size,
         video=not args.no_video,
         verify_bundles=not args.no_verify,

@@ -36,7 +36,9 @@ def register_cli(subparsers: Any) -> None:
     e.add_argument("--flow", choices=["auto", "farneback", "raft"], default="auto",
                    help="optical-flow method (auto: RAFT when its weights are in the torch hub cache, else Farneback)")
     e.add_argument("--face-estimator", default="none",
-                   help="face-parameter estimator for pose/expression error: a saved estimator path, or 'none'")
+                   help="face-parameter estimator for pose/expression error: a face regressor folder (python -m "
+                   "consistent_avatar.evaluation.face train --out DIR), a JSON spec file such as {\"kind\": \"deca\", "
+                   "\"weights\": \"deca_model.tar\"} (docs/evaluation.md), or 'none'")
     e.add_argument("--mask", action="store_true", help="compare the foreground (shard mask) only")
     e.add_argument("--device", default="cpu", help="torch device for LPIPS / RAFT / the estimator")
     e.add_argument("--workers", type=int, default=1, help="processes evaluating (row, actor) videos in parallel")

@@ -104,9 +104,13 @@ class FaceEstimator(Protocol):
     ``expression_dims`` / ``pose_dims`` list the dimensions it really estimates (others are filled
     with a constant or NaN and must be left out of the errors); ``available`` / ``reason`` as for
     every metric component (calling an unavailable one raises :class:`.image.MetricUnavailableError`).
+    ``shard_codes`` says whether its codes are the shards' own (the space the tracked pose and
+    expression and the emotion database are in): then PE/EE compare with the tracked codes; otherwise
+    (DECA's FLAME codes on synthetic actors) with the estimator's own reading of the real frames.
     """
 
     name: str
+    shard_codes: bool
 
     @property
     def expression_dims(self) -> tuple[int, ...]: ...
@@ -316,6 +320,8 @@ class SyntheticFaceRegressor:
     :meth:`fit` on your own frames; :meth:`save` / :meth:`load` a folder with ``model.safetensors``
     and ``config.json``.
     """
+
+    shard_codes = True  # it regresses the synthetic generator's codes: those of synthetic actors' shards
 
     name = "synthetic_regressor"
 
@@ -629,9 +635,13 @@ class _ExternalEstimator:
     expression_dims: tuple[int, ...] = tuple(range(50))  # FLAME expression coefficients DECA/EMOCA estimate
     pose_dims: tuple[int, ...] = (0, 1, 2)  # global head rotation (axis-angle); their pose[3:] is the jaw
 
-    def __init__(self, device: str = "cpu", batch_size: int = 32, **files: str | os.PathLike[str] | None) -> None:
+    def __init__(self, device: str = "cpu", batch_size: int = 32, shard_codes: bool = False,
+                 **files: str | os.PathLike[str] | None) -> None:
         self.device = device
         self.batch_size = int(batch_size)
+        # True only when the shards' pose/expression were tracked with this same estimator (real
+        # actors tracked with DECA); FLAME codes are not the synthetic generator's codes
+        self.shard_codes = bool(shard_codes)
         self.files = {k: (Path(v) if v is not None else None) for k, v in files.items()}
         self._model: Any = None
         self._reason = self._check()
@@ -694,8 +704,8 @@ class DECAEstimator(_ExternalEstimator):
     install_hint = "install DECA from https://github.com/yfeng95/DECA and name deca_model.tar as weights"
 
     def __init__(self, weights: str | os.PathLike[str] | None = None, flame_model: str | os.PathLike[str] | None = None,
-                 device: str = "cpu", batch_size: int = 32) -> None:
-        super().__init__(device, batch_size, weights=weights, flame_model=flame_model)
+                 device: str = "cpu", batch_size: int = 32, shard_codes: bool = False) -> None:
+        super().__init__(device, batch_size, shard_codes, weights=weights, flame_model=flame_model)
 
     def _required(self) -> dict[str, str]:
         req = {"weights": "DECA's deca_model.tar"}
@@ -728,9 +738,9 @@ class EMOCAEstimator(_ExternalEstimator):
     install_hint = "install EMOCA from https://github.com/radekd91/emoca and name its models folder as models_dir"
 
     def __init__(self, models_dir: str | os.PathLike[str] | None = None, model_name: str = "EMOCA_v2_lr_mse_20",
-                 mode: str = "detail", device: str = "cpu", batch_size: int = 32) -> None:
+                 mode: str = "detail", device: str = "cpu", batch_size: int = 32, shard_codes: bool = False) -> None:
         self.model_name, self.mode = model_name, mode
-        super().__init__(device, batch_size, models_dir=models_dir)
+        super().__init__(device, batch_size, shard_codes, models_dir=models_dir)
 
     def _required(self) -> dict[str, str]:
         return {"models_dir": f"EMOCA's models folder containing {self.model_name}/"}
@@ -754,19 +764,24 @@ class EMOCAEstimator(_ExternalEstimator):
 def load_face_estimator(spec: dict[str, Any], device: str = "cpu") -> FaceEstimator:
     """An estimator from a config mapping: ``{"kind": "synthetic", "path": DIR}``,
     ``{"kind": "deca", "weights": ..., "flame_model": ...}`` or ``{"kind": "emoca", "models_dir": ...,
-    "model_name": ..., "mode": ...}``. DECA/EMOCA come back unavailable (``.reason``) when their
-    package or files are missing; a synthetic path that does not hold a regressor is an error."""
+    "model_name": ..., "mode": ...}``; DECA/EMOCA take ``"shard_codes": true`` when the shards' codes
+    were tracked with that same estimator (default false: compare with its reading of the real
+    frames). DECA/EMOCA come back unavailable (``.reason``) when their package or files are missing;
+    a synthetic path that does not hold a regressor is an error."""
     spec = dict(spec)
     kind = spec.pop("kind", None)
     if kind == "synthetic":
         if "path" not in spec:
             raise ConsistentAvatarError("face estimator 'synthetic' needs path: a folder written by SyntheticFaceRegressor.save")
         return SyntheticFaceRegressor.load(spec["path"], device=device)
+    shard_codes = spec.get("shard_codes", False)
+    if not isinstance(shard_codes, bool):
+        raise ConsistentAvatarError(f"face estimator shard_codes must be true or false, got {shard_codes!r}")
     if kind == "deca":
-        return DECAEstimator(spec.get("weights"), spec.get("flame_model"), device=device)
+        return DECAEstimator(spec.get("weights"), spec.get("flame_model"), device=device, shard_codes=shard_codes)
     if kind == "emoca":
         return EMOCAEstimator(spec.get("models_dir"), spec.get("model_name", "EMOCA_v2_lr_mse_20"),
-                              spec.get("mode", "detail"), device=device)
+                              spec.get("mode", "detail"), device=device, shard_codes=shard_codes)
     raise ConsistentAvatarError(f"face estimator kind must be 'synthetic', 'deca' or 'emoca', got {kind!r}")
 
 

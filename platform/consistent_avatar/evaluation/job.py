@@ -396,7 +396,7 @@ def _plan(run: Path, config: EvaluateConfig) -> _Plan:
             raise ConsistentAvatarError(
                 f"row(s) {', '.join(map(repr, unknown))} were not rendered in {run} (rows there: "
                 f"{', '.join(rendered_rows) or 'none'}, plus {COARSE!r}): render them with "
-                f"`cavatar render --rows {' '.join(unknown)} --out {run} …`, or choose other --rows"
+                f"`cavatar render --rows {','.join(unknown)} --out {run} …`, or choose other --rows"
             )
         rows = list(config.rows)
     man_actors: dict[str, Any] = manifest["actors"]
@@ -630,6 +630,14 @@ class _Components:
         self.flow, self.flow_choice = choose_flow(config.flow, device=config.device, torch_home=config.torch_home)
         self.face, self.face_reason = self._face(config)
         self.emotion = _EmotionTruth(plan, self.face, self.face_reason)
+        self._face_real: tuple[str, tuple[np.ndarray, np.ndarray]] | None = None  # (actor, its reading)
+
+    def face_on_real(self, actor: str, data: _ActorData) -> tuple[np.ndarray, np.ndarray]:
+        """The face estimator's (expression, pose) of the actor's real frames, read once per actor
+        (every row of the actor and its reference ask for it; actors are evaluated one at a time)."""
+        if self._face_real is None or self._face_real[0] != actor:
+            self._face_real = (actor, self.face(data.real))
+        return self._face_real[1]
 
     @staticmethod
     def _face(config: EvaluateConfig) -> tuple[Any, str | None]:
@@ -664,7 +672,8 @@ class _Components:
                      "reason": self.flow.reason, "choice": self.flow_choice,
                      **({"params": self.flow.params()} if hasattr(self.flow, "params") else {})},
             "face_estimator": ({"name": self.face.name, "expression_dims": list(self.face.expression_dims),
-                                "pose_dims": list(self.face.pose_dims), "available": True}
+                                "pose_dims": list(self.face.pose_dims), "available": True,
+                                "reference": "tracked codes" if self.face.shard_codes else "estimate on the real frames"}
                                if self.face is not None else {"available": False, "reason": self.face_reason}),
             "emotion": self.emotion.describe(),
         }
@@ -832,23 +841,35 @@ def _measure(
             curves["flow_rendered"], curves["flow_real"] = tc["rendered_curve"], tc["real_curve"]
             curves["rendered_mean_motion"], curves["real_mean_motion"] = tc["rendered_mean_motion"], tc["real_mean_motion"]
 
-    # pose / expression error against the shard's tracked codes (face.face_consistency's PE/EE,
-    # with the estimator run once: its expressions also feed the emotion labels)
+    # pose / expression error (face.face_consistency's PE/EE, the estimator run once per frame set:
+    # its expressions also feed the emotion labels). The reference is the shard's tracked codes when
+    # the estimator's codes are the shards' own; otherwise — DECA's FLAME codes on synthetic actors —
+    # the estimator's reading of the real frames, as the paper compares DECA on generated and real frames.
     expressions = None
     face_reason = comp.face_reason
     if comp.face is not None:
         try:
             expressions, poses = comp.face(images)
+            if comp.face.shard_codes:
+                ref_expression, ref_pose = data.expression, data.pose
+            else:
+                ref_expression, ref_pose = comp.face_on_real(unit.actor, data)
         except MetricUnavailableError as exc:  # weights that exist but do not load
-            face_reason = exc.unavailable.reason
+            face_reason, expressions = exc.unavailable.reason, None
         else:
-            per["pose_error"] = pose_error(poses, data.pose, comp.face.pose_dims)
-            per["expression_error"] = expression_error(expressions, data.expression, comp.face.expression_dims)
+            per["pose_error"] = pose_error(poses, ref_pose, comp.face.pose_dims)
+            per["expression_error"] = expression_error(expressions, ref_expression, comp.face.expression_dims)
     if expressions is None:
         unavailable["pose_error"] = unavailable["expression_error"] = face_reason or "no face estimator"
         per["pose_error"], per["expression_error"] = nan, nan
 
-    emo, why = comp.emotion.accuracy(unit.actor, unit.frames, expressions)
+    if comp.face is not None and not comp.face.shard_codes:
+        emo, why = None, (
+            f"the emotion database labels the shards' expression codes; face estimator {comp.face.name!r} reads "
+            "codes of its own (set shard_codes in its spec when the shards were tracked with it)"
+        )
+    else:
+        emo, why = comp.emotion.accuracy(unit.actor, unit.frames, expressions)
     if emo is None:
         unavailable["emotion_accuracy"] = why or "no emotion ground truth"
         per["emotion_accuracy"] = nan
@@ -1139,6 +1160,10 @@ def evaluate(
     no_truth = "no synthetic ground truth (synthetic.json beside the actors' sources)"
     why = {"pose_error": comp.face_reason, "expression_error": comp.face_reason,
            "emotion_accuracy": comp.face_reason if comp.face is None else no_truth, "tracked_emotion_accuracy": no_truth}
+    if comp.face is not None and not comp.face.shard_codes:
+        own = (f"face estimator {comp.face.name!r} reads codes of its own: PE/EE compare its readings of the rendered "
+               "and the real frames, so the real frames have no floor to report")
+        why.update(pose_error=own, expression_error=own, emotion_accuracy=own)
     reference["unavailable"] = {k: why[k] or "not computed" for k, v in ref_vals.items() if not v}
     reference["description"] = ("the face estimator on the real frames against the tracked codes: the floor of pose and "
                                 "expression error that a perfect render would get")
@@ -1202,13 +1227,13 @@ def _reference(comp: _Components, actor: str, data: _ActorData) -> dict[str, Any
         tracked = None
     if tracked is not None and not isinstance(tracked, Unavailable):
         out["tracked_emotion_accuracy"] = float(tracked["accuracy"])
-    if comp.face is None:
-        return out
+    if comp.face is None or not comp.face.shard_codes:
+        return out  # an estimator with codes of its own has no floor against the tracked codes
     from .face import expression_error, pose_error
     from .image import MetricUnavailableError
 
     try:
-        expressions, poses = comp.face(data.real)
+        expressions, poses = comp.face_on_real(actor, data)
     except MetricUnavailableError:
         return out
     out["pose_error"] = _frame_mean(pose_error(poses, data.pose, comp.face.pose_dims))[0]

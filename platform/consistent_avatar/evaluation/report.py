@@ -442,11 +442,19 @@ def render_html(metrics: dict[str, Any], base_dir: str | os.PathLike[str] | None
                 "[0, 1] intensities; PSNR of frames identical to the real ones (+∞) is left out of means.</p>")
     body.append(metrics_table(means, TABLE1, notes))
     body.append("<h2>Table 2 — pose, expression and temporal consistency</h2>")
-    body.append("<p>PE / EE: distance between the face-parameter estimator's pose / expression on the frame and the "
-                "shard's tracked values. Flow-curve |Δ|: mean absolute difference between the optical-flow magnitude "
+    face = (metrics.get("components") or {}).get("face_estimator") or {}
+    against = ("its reading of the real frame (its codes are not the shards')"
+               if face.get("reference") == "estimate on the real frames" else "the shard's tracked values")
+    body.append("<p>PE / EE: distance between the face-parameter estimator's pose / expression on the frame and "
+                f"{esc(against)}. Flow-curve |Δ|: mean absolute difference between the optical-flow magnitude "
                 "curve of the rendered video and the real video's (Fig. 7); flicker: frame-to-frame change of the "
                 "rendered video that the real video does not have (mean excess squared difference, 0 = none).</p>")
     body.append(metrics_table(means, TABLE2, notes, _reference_lines(metrics.get("reference"), None)))
+    tracked = ((metrics.get("reference") or {}).get("mean") or {}).get("tracked_emotion_accuracy")
+    if tracked is not None:
+        body.append("<p>Emotion labelling of the shards (nearest neighbour of each frame's tracked expression in the "
+                    f"labelled database, as <code>cavatar prepare</code> labels them) against the synthetic truth: "
+                    f"<b>{100 * tracked:.1f} %</b> of frames.</p>")
 
     body.append("<h2>Per actor</h2>")
     for actor in actors:

@@ -431,6 +431,59 @@ def test_many_problems_are_reported_together(no_ray_work, shards: Path, bundles:
     assert all(f"actor '{a}'" in text for a in ACTORS) and "nothing was rendered" in text
 
 
+def _bar_that_stops(after: int, exc: BaseException):
+    """A tqdm stand-in whose ``after``-th update raises ``exc`` — what Ctrl-C (or a dying Ray job) does
+    to the driver while it reads the job's results."""
+    from tqdm.auto import tqdm
+
+    class Bar(tqdm):  # type: ignore[misc]
+        updates = 0
+
+        def update(self, n=1):  # noqa: ANN001
+            Bar.updates += 1
+            if Bar.updates == after:
+                raise exc
+            return super().update(n)
+
+    return Bar
+
+
+@pytest.mark.parametrize("stop", ["interrupt", "job failure"])
+def test_a_render_stopped_mid_job_keeps_what_it_wrote_and_resumes(
+    stop: str, shards: Path, bundles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the job runs: a clear error saying how many frames are kept, the manifest written,
+    no mp4 of a half video; a Ray Data job that fails as a whole: its error in the report. Either
+    way the re-run renders only the rest."""
+    import tqdm.auto
+
+    out = tmp_path / "OUT"
+    config = RenderConfig(actors=["actor_000"], batch_size=1, concurrency=1, progress=True)
+    exc: BaseException = KeyboardInterrupt() if stop == "interrupt" else RuntimeError("the object store died")
+    monkeypatch.setattr(tqdm.auto, "tqdm", _bar_that_stops(2, exc))
+    if stop == "interrupt":
+        with pytest.raises(ConsistentAvatarError, match=r"render interrupted: \d+ frames are complete .* kept; re-run"):
+            render(shards, bundles, out, config)
+    else:
+        report = render(shards, bundles, out, config)
+    kept = set(read_outputs(out, "full", "actor_000")["frame"].to_pylist())
+    # the driver stopped reading after one result; tasks already running may still have written theirs
+    assert kept and kept <= set(TEST_FRAMES)
+    if stop == "job failure" and kept != set(TEST_FRAMES):  # the missing frames are blamed on the job's error
+        assert "the Ray Data job failed: RuntimeError: the object store died" in report.failed["actor_000"]
+    if stop == "interrupt":  # no mp4 written after Ctrl-C (a failed job writes those of complete videos)
+        assert not (out / "full" / "actor_000" / "actor_000.mp4").exists()
+    assert read_render_manifest(out)["actors"]["actor_000"]["rendered"]["full"] == len(kept)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+
+    monkeypatch.undo()
+    report = render(shards, bundles, out, RenderConfig(actors=["actor_000"], batch_size=1, concurrency=1, progress=False))
+    assert report.rendered.get("full", {}).get("actor_000", 0) == len(TEST_FRAMES) - len(kept)
+    assert read_outputs(out, "full", "actor_000")["frame"].to_pylist() == TEST_FRAMES
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # nothing kept was rendered again
+    assert (out / "full" / "actor_000" / "actor_000.mp4").is_file()
+
+
 # ---------------------------------------------------------------------------------------------
 # Atomicity of one batch (in-process: the three stages' code without Ray)
 # ---------------------------------------------------------------------------------------------

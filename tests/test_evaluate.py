@@ -375,6 +375,24 @@ def test_shards_given_as_a_uri_give_the_same_metrics(small_run: Path, shards: Pa
         evaluate("s3://b/run", None, config)
 
 
+def test_error_frames_of_two_render_settings(small_run: Path) -> None:
+    """A forced re-render killed half-way leaves parts of new settings beside the old outputs: refused,
+    naming the difference, instead of measuring old and new frames as one video."""
+    import json as _json
+
+    from consistent_avatar.render.outputs import SETTINGS_KEY
+
+    d = small_run / "full" / "actor_000"
+    t = pq.read_table(d / "outputs.parquet")
+    old = {"sampler": "lcm", "steps": 4, "seed": 0}
+    pq.write_table(t.replace_schema_metadata({SETTINGS_KEY: _json.dumps(old)}), d / "outputs.parquet")
+    evaluate(small_run, small_run / "ok", EvaluateConfig(lpips=False, progress=False))  # one settings record: fine
+    new = t.slice(0, 2).replace_schema_metadata({SETTINGS_KEY: _json.dumps({**old, "steps": 2})})
+    pq.write_table(new, d / "outputs-0001-deadbeef.parquet")
+    _fails(small_run, r"mixes frames rendered with different settings \(outputs.parquet → outputs-0001-deadbeef.parquet: "
+           r"steps 4 → 2\).*--force")
+
+
 def test_error_rows_and_actors_absent(small_run: Path) -> None:
     err = _fails(small_run, "without_lcm", rows=["full", "without_lcm"])
     assert "cavatar render --rows without_lcm --out" in str(err)

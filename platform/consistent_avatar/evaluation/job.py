@@ -336,15 +336,32 @@ def _outputs_files(directory: Path) -> list[Path]:
 
 
 def _read_outputs(run: Path, row: str, actor: str) -> dict[int, dict[str, Any]]:
-    """Newest outputs row per frame of RUN/<row>/<actor> (frame → {png, seconds})."""
+    """Newest outputs row per frame of RUN/<row>/<actor> (frame → {png, seconds}).
+
+    Every outputs file records the settings it was rendered with; a folder whose files disagree is
+    a forced re-render (``--force``) killed half-way — old frames beside new ones — and is refused
+    rather than measured as one video."""
+    from ..render.outputs import file_settings, settings_difference
+
     latest: dict[int, dict[str, Any]] = {}
+    first: tuple[Path, dict[str, Any]] | None = None
     for path in _outputs_files(run / row / actor):
         try:
             t = pq.read_table(path, columns=["frame", "png", "seconds"])
-        except (pa.ArrowException, OSError, KeyError) as exc:
+            recorded = file_settings(path)
+        except (pa.ArrowException, OSError, KeyError, ValueError) as exc:
             raise ConsistentAvatarError(
                 f"{path} cannot be read ({exc}): delete it and re-run `cavatar render` to render its frames again"
             ) from exc
+        if recorded is not None:
+            if first is None:
+                first = (path, recorded)
+            elif recorded != first[1]:
+                raise ConsistentAvatarError(
+                    f"{run / row / actor} mixes frames rendered with different settings ({first[0].name} → "
+                    f"{path.name}: {settings_difference(first[1], recorded)}): a forced re-render was stopped "
+                    "half-way; re-run that `cavatar render … --force` command to finish it, then evaluate"
+                )
         for f, png, sec in zip(t["frame"].to_pylist(), t["png"].to_pylist(), t["seconds"].to_pylist()):
             latest[int(f)] = {"png": png, "seconds": sec}
     return latest

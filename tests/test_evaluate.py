@@ -235,6 +235,27 @@ def test_report_from_dict_and_cli(evaluated: tuple[Path, dict], tmp_path: Path, 
     assert "cavatar evaluate" in capsys.readouterr().err
 
 
+def test_report_orders_all_six_rows_as_the_paper(evaluated: tuple[Path, dict], tmp_path: Path) -> None:
+    """Every row the paper's tables have, given in a scrambled order, comes out in the paper's order
+    (coarse input, w/o stage 2, w/o normal, w/o emotion, w/o LCM, full) in both tables."""
+    import copy
+
+    _, m = evaluated
+    m = copy.deepcopy(m)
+    rows = m["rows"]
+    scrambled = {"full": rows["full"], "without_lcm": rows["baseline"], "coarse": rows["coarse"],
+                 "without_emotion": rows["without_normal"], "baseline": rows["baseline"],
+                 "without_normal": rows["without_normal"]}
+    m["rows"] = scrambled
+    page = write_report(m, tmp_path / "six.html").read_text(encoding="utf-8")
+    labels = ["Coarse input (stage 1)", "w/o stage 2 (baseline)", "w/o normal", "w/o emotion", "w/o LCM", "Ours (full)"]
+    for table in ("Table 1", "Table 2"):
+        start = page.index(table)
+        end = page.index("</table>", start)
+        at = [page.index(f">{label}<", start, end) for label in labels]
+        assert at == sorted(at), f"{table}: rows out of the paper's order"
+
+
 def test_cli_subset_and_face_estimator(run: Path, shards: Path, tmp_path: Path) -> None:
     """`cavatar evaluate` with --rows/--actors and a (tiny, quickly fitted) face regressor: pose and
     expression errors, the estimator's floor on real frames, emotion accuracy vs synthetic truth."""

@@ -160,6 +160,11 @@ def test_lpips_loading_path_with_a_random_backbone(tmp_path, monkeypatch) -> Non
     b[1:] = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     d = metric(a, b)
     assert d.shape == (3,) and d[0] == pytest.approx(0.0, abs=1e-7) and (d[1:] > 0).all()
+    import lpips
+
+    with torch.no_grad():  # lpips's own image conversion ([0, 255] HWC → [-1, 1] NCHW), one pair at a time
+        ref = [float(metric.load()(lpips.im2tensor(x), lpips.im2tensor(y))) for x, y in zip(a, b)]
+    np.testing.assert_allclose(d, ref, rtol=1e-5, atol=1e-7)  # batching, scaling and layout are lpips's
     net = metric.load().net  # the saved tensors, not a fresh random init
     torch.testing.assert_close(getattr(net.slice1, "0").weight, state["features.0.weight"])
     torch.testing.assert_close(getattr(net.slice5, "10").bias, state["features.10.bias"])

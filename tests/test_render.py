@@ -431,6 +431,19 @@ def test_many_problems_are_reported_together(no_ray_work, shards: Path, bundles:
     assert all(f"actor '{a}'" in text for a in ACTORS) and "nothing was rendered" in text
 
 
+def test_the_train_split_renders_every_training_frame(shards: Path, bundles: Path, tmp_path: Path) -> None:
+    """--split train renders the 20 frames before the test split (paper: the training frames, e.g.
+    to look at what the model fits) and records that split; another split into the same OUT is refused."""
+    out = tmp_path / "OUT"
+    report = render(shards, bundles, out, RenderConfig(split="train", actors=["actor_000"], batch_size=10,
+                                                       concurrency=1, video=False, progress=False))
+    assert report.rendered["full"]["actor_000"] == 20
+    t = read_outputs(out, "full", "actor_000")
+    assert t["frame"].to_pylist() == list(range(20)) and set(t["split"].to_pylist()) == {"train"}
+    with pytest.raises(ConsistentAvatarError, match="holds renders of the 'train' split"):
+        render(shards, bundles, out, RenderConfig(split="all", actors=["actor_000"], progress=False))
+
+
 def _bar_that_stops(after: int, exc: BaseException):
     """A tqdm stand-in whose ``after``-th update raises ``exc`` — what Ctrl-C (or a dying Ray job) does
     to the driver while it reads the job's results."""

@@ -502,8 +502,9 @@ def test_non_finite_latents_are_an_error_not_frames(preset, emotions, stage: str
 
 def test_a_compiled_pipeline_adopts_another_actor_in_place(preset, models, emotions) -> None:
     """adopt(): another actor's weights copied into this (compiled, channels-last) pipeline's own
-    parameters — their memory unchanged, as CUDA graphs need — render that actor's frames; a pipeline
-    of another layout is refused before anything is copied."""
+    parameters — their memory unchanged, as CUDA graphs need — render that actor's frames, traced by
+    dynamo and compiled by inductor alike; a pipeline of another layout is refused before anything is
+    copied."""
     first = own_students(preset, models, emotions)
     other_models = tiny_models(preset, seed=7)
     other_emotions = EmotionTable(EMOTIONS, torch.randn(len(EMOTIONS), 768, generator=torch.Generator().manual_seed(8)))
@@ -521,6 +522,12 @@ def test_a_compiled_pipeline_adopts_another_actor_in_place(preset, models, emoti
     after = first(**x, num_steps=STEPS).frames
     torch.testing.assert_close(after, expected, atol=1e-5, rtol=0)
     assert not torch.allclose(before, after)
+
+    inductor = own_students(preset, models, emotions)  # inductor's real code generation (CPU: C++)
+    inductor.compile(channels_last=True)
+    torch.testing.assert_close(inductor(**x, num_steps=STEPS).frames, before, atol=1e-4, rtol=0)
+    inductor.adopt(other)  # generated kernels read the parameters: none were baked in as constants
+    torch.testing.assert_close(inductor(**x, num_steps=STEPS).frames, expected, atol=1e-4, rtol=0)
 
     with_teacher = ConsistentAvatarPipeline(
         preset=preset, tsdm={"lcm": other_models["lcm_tsdm"], "teacher": other_models["tsdm"]},

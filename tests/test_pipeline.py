@@ -452,7 +452,7 @@ def test_bundle_refiner_reference_is_loaded_and_applied(
 def test_phase_timings_sum_cuda_event_pairs_per_phase() -> None:
     """On a GPU phases are timed with CUDA events read after the call's one sync; a phase timed
     twice (e.g. a refiner pass) adds up. Events stand in as objects with ``elapsed_time`` (ms)."""
-    from consistent_avatar.pipeline import _read_timings
+    from consistent_avatar.pipeline import _PhaseTimer
 
     class Event:
         def __init__(self, ms: float) -> None:
@@ -461,9 +461,11 @@ def test_phase_timings_sum_cuda_event_pairs_per_phase() -> None:
         def elapsed_time(self, end: "Event") -> float:
             return end.ms - self.ms
 
-    raw = {"total": 0.5, "_events": [("stage2", Event(0), Event(200)), ("stage3", Event(200), Event(450)),
-                                     ("stage3", Event(500), Event(550))]}
-    assert _read_timings(raw) == pytest.approx({"total": 0.5, "stage2": 0.2, "stage3": 0.3})
+    timer = _PhaseTimer(torch.device("cuda"))
+    timer.seconds["tsd"] = 0.5  # a host-clock phase beside the event pairs
+    timer.events += [("stage2", Event(0), Event(200)), ("stage3", Event(200), Event(450)),
+                     ("stage3", Event(500), Event(550))]
+    assert timer.read() == pytest.approx({"tsd": 0.5, "stage2": 0.2, "stage3": 0.3})
 
 
 def test_seeds_make_generators_on_the_pipeline_device() -> None:

@@ -251,13 +251,36 @@ def _generators(
     raise ConsistentAvatarError(f"seed must be an integer or a list of one integer per frame, got {seed!r}")
 
 
-def _read_timings(timings: dict[str, Any]) -> dict[str, float]:
-    """Seconds per phase: the host-clock entries as they are, CUDA event pairs (recorded by
-    ``_timed`` on a GPU, complete after the call's final synchronisation) summed per phase."""
-    out = {k: float(v) for k, v in timings.items() if k != "_events"}
-    for key, begin, end in timings.get("_events", []):
-        out[key] = out.get(key, 0.0) + begin.elapsed_time(end) / 1000.0
-    return out
+class _PhaseTimer:
+    """Seconds per phase of one call. On a CPU the host clock; on a GPU a pair of CUDA events per
+    phase on the pipeline device's stream, read by :meth:`read` only after the call's one final
+    synchronisation (reading them earlier would wait for the GPU mid-call). A phase timed twice
+    (e.g. a refiner pass) adds up."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.events: list[tuple[str, Any, Any]] = []  # (phase, begin, end): objects with elapsed_time (ms)
+
+    @contextmanager
+    def phase(self, key: str) -> Iterator[None]:
+        if self.device.type != "cuda":
+            start = time.perf_counter()
+            yield
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+            return
+        stream = torch.cuda.current_stream(self.device)  # the pipeline's device, not the current one
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record(stream)
+        yield
+        end.record(stream)
+        self.events.append((key, begin, end))
+
+    def read(self) -> dict[str, float]:
+        out = dict(self.seconds)
+        for key, begin, end in self.events:
+            out[key] = out.get(key, 0.0) + begin.elapsed_time(end) / 1000.0
+        return out
 
 
 def _refiner_seed(
@@ -607,22 +630,6 @@ class ConsistentAvatarPipeline:
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
 
-    @contextmanager
-    def _timed(self, timings: dict[str, Any], key: str) -> Iterator[None]:
-        """Time a phase: on a GPU with CUDA events on the stream (read by :func:`_read_timings` after
-        the call's one synchronisation), elsewhere with the host clock."""
-        if self._device.type != "cuda":
-            start = time.perf_counter()
-            yield
-            timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
-            return
-        stream = torch.cuda.current_stream(self._device)  # the pipeline's device, not the current one
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record(stream)
-        yield
-        end.record(stream)
-        timings.setdefault("_events", []).append((key, begin, end))
-
     def _noise(self, batch: int, gens: torch.Generator | list[torch.Generator]) -> torch.Tensor:
         """N(0, I) latents drawn on the generators' device, then moved to the pipeline's."""
         p = self.preset
@@ -703,13 +710,13 @@ class ConsistentAvatarPipeline:
 
         # ---- everything is valid: run the networks ------------------------------------------
         dev, dt = self._device, self._dtype
-        timings: dict[str, Any] = {}
+        timer = _PhaseTimer(dev)
         self._sync()  # the wall clock starts with the GPU idle: `total` is this call's alone
         start = time.perf_counter()
         pose = pose.to(device=dev, dtype=dt)
         expression = expression.to(device=dev, dtype=dt)
         emotion_embedding = emotion_embedding.to(device=dev, dtype=dt)
-        with self._timed(timings, "tsd"):
+        with timer.phase("tsd"):
             coarse_tsd = temporally_sensitive_detail(rgb.to(dev), self.tsd).to(dt)
             if without_normal:
                 normal = torch.zeros_like(coarse_tsd)
@@ -723,7 +730,7 @@ class ConsistentAvatarPipeline:
         if not baseline:
             assert stage2_scheduler is not None
             tsdm = self.tsdm[variant]
-            with self._timed(timings, "stage2"):
+            with timer.phase("stage2"):
                 coarse_latent = vae_encode(tsdm.vae, coarse_tsd)  # VAE encode #1
                 tokens = tsdm.conditioning(coarse_tsd, pose, expression, validate=False)
                 x0 = sample(
@@ -740,7 +747,7 @@ class ConsistentAvatarPipeline:
         detail = coarse_tsd if aligned_tsd is None else aligned_tsd
 
         fcsd = self.fcsd[variant]
-        with self._timed(timings, "stage3"):
+        with timer.phase("stage3"):
             tokens = fcsd.conditioning(detail, pose, expression, emotion_embedding, validate=False)
             if without_emotion:
                 tokens = tokens.clone()
@@ -760,12 +767,11 @@ class ConsistentAvatarPipeline:
 
         if use_refiner:
             assert self.refiner is not None
-            with self._timed(timings, "refiner"):
+            with timer.phase("refiner"):
                 frames = self.refiner.refine(frames, seed=_refiner_seed(seed, generator, gens), value_range="signed")
         out_frames = (frames.float() + 1.0) * 0.5
         self._sync()
-        timings["total"] = time.perf_counter() - start
-        timings = _read_timings(timings)
+        timings = {**timer.read(), "total": time.perf_counter() - start}
         failed = [stage for stage, flag in nonfinite.items() if bool(flag)]
         if failed:
             name = str(dt).removeprefix("torch.")

@@ -38,21 +38,34 @@ checked on load (``verify=False`` skips it); a bundle of another schema version 
 error that says what to do.
 
 Storage. ``path_or_uri`` is a local path or any ``pyarrow.fs`` URI (``file://``, ``s3://``, ``gs://``,
-``hdfs://``); a bundle on a non-local filesystem is copied into a local cache directory first
-(reused while its ``bundle.json`` is unchanged).
+``hdfs://``); a ``file://`` URI is read in place. A bundle on a non-local filesystem is copied into a
+local cache directory first (``$CONSISTENT_AVATAR_CACHE/bundles``, else
+``~/.cache/consistent_avatar/bundles``; one folder per bundle version, reused while its ``bundle.json``
+is unchanged). The cache is bounded: after each fetch the least recently used bundles are deleted until
+the cache holds at most ``$CONSISTENT_AVATAR_BUNDLE_CACHE_GB`` GB (default 50; ``inf`` or ``none``:
+unlimited; ``cache_limit_bytes=`` of :func:`load_bundle` overrides it). A process loading a cached
+bundle holds a shared ``flock`` on ``<cache>/<entry>.lock`` until its files are read, and the pruner
+skips entries it cannot lock exclusively, so pool actors on one node never delete a bundle under each
+other; the bundle just fetched is never pruned (one larger than the limit is kept, with a warning).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import platform as _platform
+import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -89,6 +102,9 @@ NULL_CONTEXT_FILE = "null_context.safetensors"
 TRAINING_FILE = "training.json"
 CONFIG_FILE = "config.json"
 CACHE_ENV = "CONSISTENT_AVATAR_CACHE"
+CACHE_LIMIT_ENV = "CONSISTENT_AVATAR_BUNDLE_CACHE_GB"
+#: room for ten sd15 bundles (~5 GB each): one being loaded per GPU of an 8-GPU node, and two more
+DEFAULT_CACHE_LIMIT_GB = 50.0
 
 Stage = Literal["tsdm", "fcsd"]
 Variant = Literal["teacher", "lcm"]
@@ -602,6 +618,37 @@ def default_cache_dir() -> Path:
     return root / "bundles"
 
 
+def bundle_cache_limit(cache_limit_bytes: float | None = None) -> int | None:
+    """The size limit of the bundle cache in bytes; ``None`` means unlimited.
+
+    ``cache_limit_bytes`` as given (a positive number of bytes; ``math.inf`` = unlimited), else
+    ``$CONSISTENT_AVATAR_BUNDLE_CACHE_GB`` (GB of 1e9 bytes; ``inf`` or ``none`` = unlimited), else
+    50 GB. Zero, a negative or an unreadable value is a :class:`ConsistentAvatarError` naming its source.
+    """
+    if cache_limit_bytes is not None:
+        value = cache_limit_bytes
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+            raise ConsistentAvatarError(
+                f"cache_limit_bytes must be a positive number of bytes (math.inf for no limit), got {value!r}"
+            )
+        return None if math.isinf(value) else max(1, int(value))
+    text = os.environ.get(CACHE_LIMIT_ENV, "").strip()
+    if not text:
+        return int(DEFAULT_CACHE_LIMIT_GB * 1e9)
+    if text.lower() in ("none", "inf", "infinity", "+inf"):
+        return None
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = math.nan
+    if math.isnan(gb) or gb <= 0:
+        raise ConsistentAvatarError(
+            f"{CACHE_LIMIT_ENV}={text!r}: give the bundle cache's size limit as a positive number of GB "
+            "(1 GB = 1e9 bytes), or 'inf' / 'none' for no limit"
+        )
+    return None if math.isinf(gb) else max(1, int(gb * 1e9))
+
+
 def _read_remote_bytes(fs: Any, path: str) -> bytes | None:
     from pyarrow import fs as pafs
 
@@ -612,11 +659,196 @@ def _read_remote_bytes(fs: Any, path: str) -> bytes | None:
         return f.read()
 
 
-def _fetch(fs: Any, path: str, uri: str, cache_dir: Path | None) -> Path:
-    """Copy a bundle from a non-local filesystem into the cache (atomically), or reuse the cached copy.
+# ------------------------------------------------------------------------------------------------
+# The bundle cache: entries, their locks, least-recently-used pruning
+# ------------------------------------------------------------------------------------------------
 
-    Each version of a bundle gets its own cache folder and earlier versions are left in place (a
-    process may still be reading them); delete the cache folder to reclaim the space."""
+#: ``<name>-<16 hex>``: the folder of one cached bundle version (anything else in the cache is not an entry)
+_ENTRY_NAME = re.compile(r"[^.].*-[0-9a-f]{16}")
+#: what ``staging_dir`` / ``publish_dir`` / the pruner leave beside an entry while they work on it
+_WORK_NAME = re.compile(r"\..+\.(staging|old|trash)-[0-9a-f]{8}")
+_PRUNE_LOCK = ".prune.lock"
+#: a staging / replaced folder untouched this long belongs to a process that died
+STALE_WORK_SECONDS = 24 * 3600
+
+
+def cache_entry_lock_path(entry: Path) -> Path:
+    """The lock file of the cache entry folder ``entry``: ``<cache>/<entry>.lock``, beside it (not inside,
+    so the entry's own folder can be renamed away while the lock is held).
+
+    A process reading the entry holds ``fcntl.flock(LOCK_SH)`` on it; the pruner deletes an entry only
+    while it holds ``LOCK_EX`` (taken without waiting; an entry it cannot lock is skipped)."""
+    return entry.parent / f"{entry.name}.lock"
+
+
+def _flock(path: Path, operation: int) -> int | None:
+    """An open descriptor of ``path`` (created if missing) holding the ``flock`` ``operation``; None when
+    ``operation`` has ``LOCK_NB`` and another holder conflicts. A lock file that was deleted or replaced
+    while this process waited (the pruner unlinks the lock files of the entries it removes) is opened
+    again, so every holder locks the file that is at ``path`` now."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, operation)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            now, held = os.stat(path), os.fstat(fd)
+            if (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _locked(path: Path, operation: int) -> Iterator[bool]:
+    """``_flock`` as a context manager: yields whether the lock is held (always, without ``LOCK_NB``)."""
+    fd = _flock(path, operation)
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing the last descriptor releases the flock
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def _newest_mtime(root: Path) -> float:
+    newest = root.lstat().st_mtime
+    for dirpath, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            try:
+                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+            except FileNotFoundError:
+                pass
+    return newest
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _remove_stale_work(cache: Path) -> None:
+    """Delete leftovers of killed processes: pruned (``.trash-``) folders, whatever their age (only a
+    pruner, under ``.prune.lock`` as the caller is, creates and removes them), and staging and replaced
+    (``publish_dir``'s ``.old-``) folders that nothing has touched for :data:`STALE_WORK_SECONDS`. A
+    younger staging folder may be another process's download in progress and is left alone."""
+    cutoff = time.time() - STALE_WORK_SECONDS
+    for p in cache.iterdir():
+        match = _WORK_NAME.fullmatch(p.name)
+        if match is None or not p.is_dir() or p.is_symlink():
+            continue
+        try:
+            if match.group(1) == "trash" or _newest_mtime(p) < cutoff:
+                shutil.rmtree(p, ignore_errors=True)
+                log.info("bundle cache %s: removed %s, left by a process that died a day ago", cache, p.name)
+        except FileNotFoundError:
+            pass
+
+
+def _prune_cache(cache: Path, limit: int | None, keep: Path) -> None:
+    """Delete least-recently-used entries of ``cache`` until its entries total at most ``limit`` bytes.
+
+    ``keep`` (the entry just fetched, whose lock the caller holds) is never deleted. An entry whose lock
+    another process holds (it is loading from it) is skipped. Deleting renames the entry to a
+    ``.trash-`` name first (under its exclusive lock), so a half-deleted folder is never taken for a
+    bundle, then removes it and its lock file. One process prunes a cache at a time (``.prune.lock``)."""
+    if limit is None:
+        return
+    with _locked(cache / _PRUNE_LOCK, fcntl.LOCK_EX):
+        _remove_stale_work(cache)
+        entries: list[tuple[float, str, Path, int]] = []
+        for p in cache.iterdir():
+            if _ENTRY_NAME.fullmatch(p.name) is None or p.is_symlink() or not p.is_dir():
+                continue
+            try:
+                entries.append((p.stat().st_mtime, p.name, p, _tree_bytes(p)))
+            except FileNotFoundError:
+                continue
+        total = sum(size for *_, size in entries)
+        kept_bytes = next((size for _, _, p, size in entries if p == keep), 0)
+        pruned: list[str] = []
+        freed = 0
+        in_use: list[str] = []
+        for _, name, entry, size in sorted(entries):  # least recently used first
+            if total <= limit:
+                break
+            if entry == keep:
+                continue
+            lock = cache_entry_lock_path(entry)
+            with _locked(lock, fcntl.LOCK_EX | fcntl.LOCK_NB) as held:
+                if not held:
+                    in_use.append(name)
+                    continue
+                trash = cache / f".{name}.trash-{uuid.uuid4().hex[:8]}"
+                try:
+                    os.replace(entry, trash)
+                except FileNotFoundError:  # removed meanwhile by hand
+                    total -= size
+                    continue
+                lock.unlink(missing_ok=True)  # while held: a waiter re-opens a fresh one (see _flock)
+            shutil.rmtree(trash, ignore_errors=True)
+            total -= size
+            freed += size
+            pruned.append(name)
+        # lock files of entries that are gone (a failed download, a folder deleted by hand)
+        for p in cache.glob("*.lock"):
+            entry = cache / p.name[: -len(".lock")]
+            if _ENTRY_NAME.fullmatch(entry.name) is None or entry.exists():
+                continue
+            with _locked(p, fcntl.LOCK_EX | fcntl.LOCK_NB) as held:
+                if held and not entry.exists():
+                    p.unlink(missing_ok=True)
+    if pruned:
+        log.info(
+            "bundle cache %s: pruned %d least recently used bundle(s) (%s), freed %s; it holds %s (limit %s)",
+            cache, len(pruned), ", ".join(pruned), _gb(freed), _gb(total), _gb(limit),
+        )
+    if kept_bytes > limit:
+        log.warning(
+            "bundle cache %s: its limit, %s (cache_limit_bytes or $%s), is smaller than one bundle: %s "
+            "holds %s. It is kept (the bundle in use is never pruned), but every fetch now evicts the "
+            "bundles before it: raise the limit",
+            cache, _gb(limit), CACHE_LIMIT_ENV, keep.name, _gb(kept_bytes),
+        )
+    elif total > limit:
+        log.warning(
+            "bundle cache %s: it holds %s, over its %s limit: %s, being loaded by other processes, "
+            "could not be pruned",
+            cache, _gb(total), _gb(limit), ", ".join(in_use) or "the other entries",
+        )
+
+
+@contextlib.contextmanager
+def _fetch(fs: Any, path: str, uri: str, cache_dir: Path | None, limit: int | None) -> Iterator[Path]:
+    """Copy a bundle from a non-local filesystem into the cache (atomically), or reuse the cached copy;
+    yields the cached folder, locked against pruning until the ``with`` block ends.
+
+    Each version of a bundle gets its own cache folder ``<name>-<16 hex>``; a changed bundle is
+    downloaded into a new folder and the earlier version stays until pruned. The caller's process holds
+    a shared ``flock`` on ``<cache>/<entry>.lock`` (:func:`cache_entry_lock_path`) from before the cached
+    copy is checked until the block ends. Once the entry is published or reused, its folder's mtime is set
+    to now (its last use) and the cache is pruned to ``limit`` bytes (:func:`bundle_cache_limit`; None:
+    unlimited): least recently used entries first, skipping entries another process holds locked and
+    never this one (if it alone exceeds the limit it is kept, with a warning). Other processes' staging
+    folders (downloads in progress) are neither counted nor touched, unless nothing has written to
+    them for a day (:data:`STALE_WORK_SECONDS`): then they are leftovers of a killed process and removed
+    (as are a killed pruner's ``.trash-`` folders, at once). The cache may therefore exceed the limit by
+    the downloads in progress."""
     from pyarrow import fs as pafs
 
     manifest = _read_remote_bytes(fs, f"{path.rstrip('/')}/{MANIFEST_FILE}")
@@ -633,25 +865,33 @@ def _fetch(fs: Any, path: str, uri: str, cache_dir: Path | None) -> Path:
     key = hashlib.sha256(f"{fs.type_name}:{path}".encode() + b"\0" + manifest).hexdigest()[:16]
     final = cache / f"{Path(path.rstrip('/')).name or 'bundle'}-{key}"
     cached = final / MANIFEST_FILE
-    if cached.is_file() and cached.read_bytes() == manifest:
-        log.info("bundle %s: using the cached copy %s", uri, final)
-        return final
-    staged = staging_dir(final)
-    try:
-        pafs.copy_files(
-            path, str(staged), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
-        )
-        if (staged / MANIFEST_FILE).read_bytes() != manifest:
-            raise ConsistentAvatarError(f"the bundle at {uri} changed while it was downloaded: load it again")
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    if cached.is_file() and cached.read_bytes() == manifest:  # another process published it meanwhile
-        shutil.rmtree(staged, ignore_errors=True)
-        return final
-    publish_dir(staged, final)
-    log.info("bundle %s downloaded to %s", uri, final)
-    return final
+    with _locked(cache_entry_lock_path(final), fcntl.LOCK_SH):
+        if cached.is_file() and cached.read_bytes() == manifest:
+            log.info("bundle %s: using the cached copy %s", uri, final)
+        else:
+            staged = staging_dir(final)
+            try:
+                pafs.copy_files(
+                    path, str(staged), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+                )
+                if (staged / MANIFEST_FILE).read_bytes() != manifest:
+                    raise ConsistentAvatarError(
+                        f"the bundle at {uri} changed while it was downloaded: load it again"
+                    )
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
+            if cached.is_file() and cached.read_bytes() == manifest:  # another process published it meanwhile
+                shutil.rmtree(staged, ignore_errors=True)
+            else:
+                publish_dir(staged, final)
+                log.info("bundle %s downloaded to %s", uri, final)
+        try:
+            os.utime(final)  # its last use, for the least-recently-used order
+        except PermissionError:  # a shared cache folder of another user: its order stays as it was
+            log.debug("bundle cache: cannot record the use of %s", final)
+        _prune_cache(cache, limit, keep=final)
+        yield final
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1040,17 +1280,46 @@ def _write_contents(
 # ------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def locked_bundle(
+    path_or_uri: str | os.PathLike[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    filesystem: Any = None,
+    cache_limit_bytes: float | None = None,
+) -> Iterator[Path]:
+    """The local directory of a bundle, usable until the ``with`` block ends: itself if local, else a
+    cached download of it, which no process prunes from the cache while the block runs.
+
+    ``cache_dir``: the cache folder (default :func:`default_cache_dir`); ``cache_limit_bytes``: its size
+    limit (default :func:`bundle_cache_limit`: ``$CONSISTENT_AVATAR_BUNDLE_CACHE_GB``, else 50 GB;
+    ``math.inf``: unlimited). See :func:`_fetch` for how the cache is kept within it."""
+    fs, path = _filesystem(path_or_uri, filesystem)
+    if _is_local(fs):
+        yield Path(path)
+        return
+    limit = bundle_cache_limit(cache_limit_bytes)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    with _fetch(fs, path, os.fspath(path_or_uri), cache, limit) as root:
+        yield root
+
+
 def locate_bundle(
     path_or_uri: str | os.PathLike[str],
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     filesystem: Any = None,
+    cache_limit_bytes: float | None = None,
 ) -> Path:
-    """The local directory of a bundle: itself if local, else a cached download of it."""
-    fs, path = _filesystem(path_or_uri, filesystem)
-    if _is_local(fs):
-        return Path(path)
-    return _fetch(fs, path, os.fspath(path_or_uri), Path(cache_dir) if cache_dir is not None else None)
+    """The local directory of a bundle: itself if local, else a cached download of it.
+
+    A cached download is no longer protected once this returns: another process pruning the cache (see
+    :func:`locked_bundle`, whose arguments these are) may delete it. Read it inside
+    ``with locked_bundle(...)`` instead, as :func:`load_bundle` does."""
+    with locked_bundle(
+        path_or_uri, cache_dir=cache_dir, filesystem=filesystem, cache_limit_bytes=cache_limit_bytes
+    ) as root:
+        return root
 
 
 def load_bundle(
@@ -1062,17 +1331,38 @@ def load_bundle(
     verify: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
     filesystem: Any = None,
+    cache_limit_bytes: float | None = None,
 ) -> ActorBundle:
     """Load a bundle's networks onto ``device`` in ``dtype`` (e.g. bf16 on GPU).
 
     ``variants``: which of ``teacher`` / ``lcm`` to load (default: all stored); a serve replica that
     only samples with LCM passes ``("lcm",)`` and holds half the weights. ``verify`` checks every
     file's sha256 against the manifest.
+
+    A bundle on a non-local filesystem is downloaded into ``cache_dir`` (default
+    :func:`default_cache_dir`), which is kept within ``cache_limit_bytes`` (default
+    ``$CONSISTENT_AVATAR_BUNDLE_CACHE_GB``, else 50 GB; ``math.inf``: unlimited) by deleting the least
+    recently used bundles. The cached copy is locked against that pruning until every file has been
+    read; the returned bundle's ``root`` may be pruned afterwards (the weights are in memory by then).
     """
     device = torch.device(device)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConsistentAvatarError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    root = locate_bundle(path_or_uri, cache_dir=cache_dir, filesystem=filesystem)
+    with locked_bundle(
+        path_or_uri, cache_dir=cache_dir, filesystem=filesystem, cache_limit_bytes=cache_limit_bytes
+    ) as root:
+        return _load_from(root, os.fspath(path_or_uri), device, dtype, variants, verify)
+
+
+def _load_from(
+    root: Path,
+    uri: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    variants: Sequence[Variant] | None,
+    verify: bool,
+) -> ActorBundle:
+    """:func:`load_bundle` of the local directory ``root`` (``uri``: where it came from)."""
     manifest = read_manifest(root)
     wanted: tuple[Variant, ...]
     if variants is None:
@@ -1172,7 +1462,7 @@ def load_bundle(
     log.info("bundle %s (actor %r) loaded: %s on %s, %s", root, manifest.actor, plan, device, dtype)
     return ActorBundle(
         root=root,
-        uri=os.fspath(path_or_uri),
+        uri=uri,
         manifest=manifest,
         preset=preset,
         emotions=emotions.to(device=device, dtype=dtype),

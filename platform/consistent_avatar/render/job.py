@@ -23,7 +23,8 @@ What :func:`render` does, in order:
    them, and a compiled pipeline evicted from the LRU adopts the next actor's weights in place rather
    than compiling again — ``ConsistentAvatarPipeline.adopt``; with ``compile_cache`` every pool actor
    compiles through one shared torch.compile cache, :mod:`consistent_avatar.compile_cache`), pads a
-   short unit to ``batch_size`` under ``compile``, and renders it in one ``ConsistentAvatarPipeline.__call__`` with per-frame seeds ``seed + frame``. The write task writes
+   short unit to ``batch_size`` under ``compile``, and renders it in one
+   ``ConsistentAvatarPipeline.__call__`` with per-frame seeds ``seed + frame``. The write task writes
    the PNGs and the parquet part and returns the unit's result row (row, actor, frames, seconds,
    error). So while a pool actor renders one unit, tasks decode the next ones and encode the last
    ones: the pool actor's time goes to the pipeline. A unit that fails at any stage carries its error

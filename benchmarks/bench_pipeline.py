@@ -318,7 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/pipeline_<preset>_<device>.json)"
     )
+    ap.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="torch.compile's cache folder (consistent_avatar.compile_cache): a second run with the same "
+                   "DIR reuses the compiled kernels — split a long compilation (max-autotune) over two runs")
     args = ap.parse_args(argv)
+    if args.compile_cache is not None:
+        from consistent_avatar.compile_cache import use_compile_cache
+
+        use_compile_cache(args.compile_cache)  # before anything compiles
 
     from tqdm.auto import tqdm
 

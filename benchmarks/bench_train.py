@@ -370,7 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lean-zero-step", action=argparse.BooleanOptionalAction, default=True,
                    help="one fused gradient-norm / overflow check per ZeRO step (performance.lean_zero_step)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_<preset>_<device>.json)")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="torch.compile's cache folder (consistent_avatar.compile_cache): a second run with the same "
+                   "DIR reuses the compiled kernels — split a long compilation (max-autotune) over two runs")
     args = p.parse_args(argv)
+    if args.compile_cache is not None:
+        from consistent_avatar.compile_cache import use_compile_cache
+
+        use_compile_cache(args.compile_cache)  # before anything compiles
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     preset = load_preset(args.preset)

@@ -242,6 +242,22 @@ def test_one_batched_network_call_per_step_and_vae_only_where_needed(pipe, prese
     assert calls["vae.encoder"] == 0 and calls["vae.decoder"] == 1 and calls["tsdm.lcm.unet"] == 0
 
 
+def test_a_precomputed_coarse_latent_skips_the_vae_encode_and_gives_the_same_frames(pipe, preset) -> None:
+    """coarse_latent= (the shards' latent_tsd_coarse, from the same VAE): no VAE encode, same frames."""
+    from consistent_avatar.models.components import vae_encode
+    from consistent_avatar.tsd import temporally_sensitive_detail
+
+    x = inputs(preset, 9, batch=3)
+    plain = pipe(**x, num_steps=STEPS, return_intermediates=True)
+    tsd = temporally_sensitive_detail(x["coarse_rgb"], pipe.tsd)
+    latent = vae_encode(pipe.tsdm["lcm"].vae, tsd)
+    with count_calls(pipe) as calls:
+        given = pipe(**x, num_steps=STEPS, coarse_latent=latent.half(), return_intermediates=True)  # stored as fp16
+    assert calls["vae.encoder"] == 0 and calls["vae.decoder"] == 2
+    torch.testing.assert_close(given.frames, plain.frames, atol=2e-3, rtol=0)  # fp16 storage rounding only
+    assert not torch.equal(pipe(**x, num_steps=STEPS, coarse_latent=torch.zeros_like(latent)).frames, plain.frames)
+
+
 # ---------------------------------------------------------------- bad input: refused before any network
 
 
@@ -277,6 +293,9 @@ BAD_INPUTS = [
     ({"seed": "7"}, "seed must be"),
     ({"baseline": 1}, "baseline must be True or False"),
     ({"refine": True}, "no refiner is loaded"),
+    ({"coarse_latent": torch.zeros(B, 4, 3, 3)}, r"coarse_latent must have shape \(2, 4, 8, 8\)"),
+    ({"coarse_latent": torch.full((B, 4, 8, 8), float("nan"))}, "coarse_latent contains NaN"),
+    ({"coarse_latent": torch.zeros(B, 4, 8, 8, dtype=torch.long)}, "coarse_latent must be a floating-point"),
 ]
 
 

@@ -13,7 +13,8 @@ For a batch of B frames, all at once (no per-frame Python loop around a network)
     (optional)   frame = SDXL refiner img2img(frame)
 
 Where the VAE runs, and why no more: the coarse TSD is encoded once, because TSDM takes it as a
-spatial latent beside x_t; stage 2's result is decoded once, because the ControlNet condition z_c
+spatial latent beside x_t (not at all when the caller passes that latent, ``coarse_latent=``: shards
+prepared with the bundle's VAE hold it); stage 2's result is decoded once, because the ControlNet condition z_c
 and f_d's TSD code are defined on the TSD *image* (paper eq. 8); the frame latent is decoded once.
 Nothing else crosses the VAE (the baseline skips the encode and the first decode). The refiner
 has its own VAE (SDXL's latent space is not SD 1.5's; see :mod:`.models.refiner`).
@@ -211,6 +212,19 @@ def _check_vector_input(name: str, x: object, dim: int, batch: int) -> torch.Ten
         raise ConsistentAvatarError(f"{name} must have shape (B, {dim}), got {tuple(x.shape)}")
     if x.shape[0] != batch:
         raise ConsistentAvatarError(f"{name} has batch size {x.shape[0]}, coarse_rgb has {batch}")
+    if not bool(torch.isfinite(x).all()):
+        raise ConsistentAvatarError(f"{name} contains NaN or infinite values")
+    return x
+
+
+def _check_latent_input(name: str, x: object, shape: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ConsistentAvatarError(f"{name} must be a floating-point torch.Tensor {shape}, got {type(x).__name__}"
+                                    + (f" of {x.dtype}" if isinstance(x, torch.Tensor) else ""))
+    if tuple(x.shape) != shape:
+        raise ConsistentAvatarError(
+            f"{name} must have shape {shape} (batch, the preset's latent channels and size), got {tuple(x.shape)}"
+        )
     if not bool(torch.isfinite(x).all()):
         raise ConsistentAvatarError(f"{name} contains NaN or infinite values")
     return x
@@ -655,6 +669,7 @@ class ConsistentAvatarPipeline:
         without_lcm: bool = False,
         refine: bool | None = None,
         return_intermediates: bool = False,
+        coarse_latent: torch.Tensor | None = None,
     ) -> PipelineOutput:
         """Render B frames.
 
@@ -665,6 +680,10 @@ class ConsistentAvatarPipeline:
         teachers with DDIM, 25 steps, under ``without_lcm``). ``seed``: one integer for the batch or
         one per frame; ``generator`` (one, or one per frame) overrides it. ``refine``: run the refiner
         (default: if one is loaded). The ablation switches are described in the module docstring.
+        ``coarse_latent``: the coarse TSD's VAE latent (B, C, h, w), as ``vae_encode(tsdm.vae, coarse
+        TSD)`` gives it — what ``cavatar prepare`` stores as ``latent_tsd_coarse`` when the shards were
+        prepared with this bundle's VAE; stage 2 then skips its VAE encode. The caller vouches that it
+        comes from the same VAE (unused under ``baseline``, which has no stage 2).
         Every input is checked before any network runs.
         """
         for name, flag in (
@@ -704,6 +723,11 @@ class ConsistentAvatarPipeline:
             emotion_embedding = torch.zeros(b, self.emotions.dim, device=self._device, dtype=self._dtype)
         else:
             emotion_embedding = self.emotions.lookup(emotion, b)
+        if coarse_latent is not None:
+            p = self.preset
+            coarse_latent = _check_latent_input(
+                "coarse_latent", coarse_latent, (b, p.latent_channels, p.latent_size, p.latent_size)
+            )
         gens = _generators(seed, generator, b, self._device)
         stage3_scheduler = self._scheduler("fcsd", kind, steps)
         stage2_scheduler = None if baseline else self._scheduler("tsdm", kind, steps)
@@ -731,7 +755,10 @@ class ConsistentAvatarPipeline:
             assert stage2_scheduler is not None
             tsdm = self.tsdm[variant]
             with timer.phase("stage2"):
-                coarse_latent = vae_encode(tsdm.vae, coarse_tsd)  # VAE encode #1
+                if coarse_latent is None:
+                    coarse_latent = vae_encode(tsdm.vae, coarse_tsd)  # VAE encode #1
+                else:  # precomputed by the caller (the shards' latent_tsd_coarse): no encode
+                    coarse_latent = coarse_latent.to(device=dev, dtype=dt)
                 tokens = tsdm.conditioning(coarse_tsd, pose, expression, validate=False)
                 x0 = sample(
                     _TSDMEpsilon(tsdm),

@@ -166,7 +166,8 @@ def test_unlimited_cache_keeps_everything(tmp_path, remote, monkeypatch) -> None
     assert set(_entries(cache)) == set(ACTORS)
 
 
-def test_stale_leftovers_are_removed_and_fresh_ones_left_alone(tmp_path, remote) -> None:
+@pytest.mark.parametrize("limit", [10**12, math.inf], ids=["limited", "unlimited"])
+def test_stale_leftovers_are_removed_and_fresh_ones_left_alone(tmp_path, remote, limit) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
     two_days_ago = time.time() - 2 * 24 * 3600
@@ -179,7 +180,7 @@ def test_stale_leftovers_are_removed_and_fresh_ones_left_alone(tmp_path, remote)
     for p in [made[".x-0123456789abcdef.staging-0badf00d"], made[".x-0123456789abcdef.trash-0badf00d"]]:
         for q in [p / "vae" / "part", p / "vae", p]:
             os.utime(q, (two_days_ago, two_days_ago))
-    locate_bundle("a", filesystem=remote, cache_dir=cache, cache_limit_bytes=10**12)
+    locate_bundle("a", filesystem=remote, cache_dir=cache, cache_limit_bytes=limit)
     assert not made[".x-0123456789abcdef.staging-0badf00d"].exists()  # a killed download, two days old
     assert not made[".x-0123456789abcdef.trash-0badf00d"].exists()
     assert not made[".y-0123456789abcdef.trash-12345678"].exists()  # a killed pruner's, of any age
@@ -231,3 +232,35 @@ def test_a_reader_waiting_on_a_lock_the_pruner_deletes_locks_the_new_file(tmp_pa
         assert _flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB) is None  # so a second pruner cannot take it
     finally:
         os.close(got[0])
+
+
+def test_a_folder_that_is_not_a_published_bundle_is_never_pruned(tmp_path, remote) -> None:
+    """Only folders holding a bundle.json count as entries: a user's folder that happens to be named
+    like one (``<name>-<16 hex>``) in a chosen cache_dir is neither counted nor deleted."""
+    cache = tmp_path / "cache"
+    mine = cache / "results-0123456789abcdef"
+    mine.mkdir(parents=True)
+    (mine / "data.bin").write_bytes(b"0" * 10_000)
+    os.utime(mine, (0, 0))  # older than everything
+    for actor in ACTORS:
+        locate_bundle(actor, filesystem=remote, cache_dir=cache, cache_limit_bytes=1000)
+    assert (mine / "data.bin").is_file() and set(_entries(cache)) == {"c", "results"}
+
+
+def test_a_filesystem_without_flock_loads_unprotected_and_prunes_nothing(tmp_path, remote, records, monkeypatch) -> None:
+    """Some FUSE / SMB volumes cannot flock: loading still works, nothing is deleted (deleting without
+    locks could pull a bundle from under another reader), and a warning says why and what to do."""
+    import errno
+
+    from consistent_avatar import bundle as bundle_module
+
+    def no_flock(fd, operation):  # noqa: ANN001
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(bundle_module.fcntl, "flock", no_flock)
+    cache = tmp_path / "cache"
+    loaded = [load_bundle(a, filesystem=remote, cache_dir=cache, cache_limit_bytes=1000, variants=("lcm",))
+              for a in ACTORS]
+    assert set(_entries(cache)) == set(ACTORS) and all(b.root.is_dir() for b in loaded)
+    warned = _messages(records, logging.WARNING)
+    assert warned and all("cannot lock files" in m and "CONSISTENT_AVATAR_CACHE" in m for m in warned)

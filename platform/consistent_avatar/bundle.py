@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import hashlib
 import json
@@ -687,12 +688,23 @@ def _flock(path: Path, operation: int) -> int | None:
     while this process waited (the pruner unlinks the lock files of the entries it removes) is opened
     again, so every holder locks the file that is at ``path`` now."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        # read-only: flock does not need write access, so a lock file another user created (0644
+        # after their umask) still locks; a file this process creates is opened up to everyone
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+        try:
+            os.fchmod(fd, 0o666)
+        except OSError:  # not ours: fine, see above
+            pass
         try:
             fcntl.flock(fd, operation)
         except BlockingIOError:
             os.close(fd)
             return None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in _NO_FLOCK:
+                raise _LocksUnsupported(str(exc)) from exc
+            raise
         except BaseException:
             os.close(fd)
             raise
@@ -705,10 +717,26 @@ def _flock(path: Path, operation: int) -> int | None:
         os.close(fd)
 
 
+#: errno values of a filesystem without ``flock`` (some FUSE / SMB volumes)
+_NO_FLOCK = {errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+class _LocksUnsupported(OSError):
+    """The cache's filesystem cannot ``flock``: loads go on unlocked and nothing is pruned."""
+
+
 @contextlib.contextmanager
-def _locked(path: Path, operation: int) -> Iterator[bool]:
-    """``_flock`` as a context manager: yields whether the lock is held (always, without ``LOCK_NB``)."""
-    fd = _flock(path, operation)
+def _locked(path: Path, operation: int) -> Iterator[bool | None]:
+    """``_flock`` as a context manager: yields whether the lock is held (always, without ``LOCK_NB``),
+    or None when the filesystem has no ``flock`` (then nobody can prune safely: callers do not)."""
+    try:
+        fd = _flock(path, operation)
+    except _LocksUnsupported as exc:
+        log.warning("bundle cache %s: its filesystem cannot lock files (%s): bundles are loaded without "
+                    "protection and the cache is not pruned; put CONSISTENT_AVATAR_CACHE on a local disk",
+                    path.parent, exc)
+        yield None
+        return
     try:
         yield fd is not None
     finally:
@@ -767,13 +795,17 @@ def _prune_cache(cache: Path, limit: int | None, keep: Path) -> None:
     another process holds (it is loading from it) is skipped. Deleting renames the entry to a
     ``.trash-`` name first (under its exclusive lock), so a half-deleted folder is never taken for a
     bundle, then removes it and its lock file. One process prunes a cache at a time (``.prune.lock``)."""
-    if limit is None:
-        return
-    with _locked(cache / _PRUNE_LOCK, fcntl.LOCK_EX):
-        _remove_stale_work(cache)
+    with _locked(cache / _PRUNE_LOCK, fcntl.LOCK_EX) as can_prune:
+        if not can_prune:
+            return  # no flock on this filesystem: deleting could pull a bundle from under a reader
+        _remove_stale_work(cache)  # also with no limit: a killed download is a bundle's size of garbage
+        if limit is None:
+            return
         entries: list[tuple[float, str, Path, int]] = []
         for p in cache.iterdir():
             if _ENTRY_NAME.fullmatch(p.name) is None or p.is_symlink() or not p.is_dir():
+                continue
+            if not (p / MANIFEST_FILE).is_file():  # not a bundle this cache published: never ours to delete
                 continue
             try:
                 entries.append((p.stat().st_mtime, p.name, p, _tree_bytes(p)))
@@ -800,7 +832,11 @@ def _prune_cache(cache: Path, limit: int | None, keep: Path) -> None:
                 except FileNotFoundError:  # removed meanwhile by hand
                     total -= size
                     continue
-                lock.unlink(missing_ok=True)  # while held: a waiter re-opens a fresh one (see _flock)
+                except OSError as exc:  # e.g. another user's folder in a shared cache: not ours to delete
+                    in_use.append(f"{name} ({exc.strerror or exc})")
+                    continue
+                with contextlib.suppress(OSError):
+                    lock.unlink(missing_ok=True)  # while held: a waiter re-opens a fresh one (see _flock)
             shutil.rmtree(trash, ignore_errors=True)
             total -= size
             freed += size
@@ -810,7 +846,7 @@ def _prune_cache(cache: Path, limit: int | None, keep: Path) -> None:
             entry = cache / p.name[: -len(".lock")]
             if _ENTRY_NAME.fullmatch(entry.name) is None or entry.exists():
                 continue
-            with _locked(p, fcntl.LOCK_EX | fcntl.LOCK_NB) as held:
+            with _locked(p, fcntl.LOCK_EX | fcntl.LOCK_NB) as held, contextlib.suppress(OSError):
                 if held and not entry.exists():
                     p.unlink(missing_ok=True)
     if pruned:
@@ -827,8 +863,8 @@ def _prune_cache(cache: Path, limit: int | None, keep: Path) -> None:
         )
     elif total > limit:
         log.warning(
-            "bundle cache %s: it holds %s, over its %s limit: %s, being loaded by other processes, "
-            "could not be pruned",
+            "bundle cache %s: it holds %s, over its %s limit: %s could not be pruned (being loaded by other "
+            "processes, or not deletable by this one)",
             cache, _gb(total), _gb(limit), ", ".join(in_use) or "the other entries",
         )
 

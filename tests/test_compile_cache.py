@@ -64,16 +64,32 @@ def test_train_takes_the_cache_as_a_set_override(tmp_path: Path) -> None:
 
 
 def test_a_render_pool_actor_compiles_through_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool actor uses the folder the driver checked; on a node where it is missing (the shared
+    volume not mounted) it warns and keeps torch's own cache instead of filling the node's disk."""
+    import torch
+
     from consistent_avatar.render import job as render_job
 
     _restore_env_afterwards(monkeypatch)
-    spec = render_job.JobSpec(
-        out=str(tmp_path / "OUT"), actors={}, seed=0, use_gpu=False, dtype="float32", num_threads=1,
-        compile=True, compile_cache=str(tmp_path / "cache"), batch_size=2, refine=None, refiner=None,
-        cache_size=1, verify=True,
-    )
-    render_job.FrameRenderer(spec)
-    assert os.environ[ENV] == str(tmp_path / "cache")
+    threads = torch.get_num_threads()
+
+    def spec(cache: Path) -> render_job.JobSpec:
+        return render_job.JobSpec(
+            out=str(tmp_path / "OUT"), actors={}, seed=0, use_gpu=False, dtype="float32", num_threads=1,
+            compile=True, compile_cache=str(cache), batch_size=2, refine=None, refiner=None,
+            cache_size=1, verify=True,
+        )
+
+    try:
+        with pytest.raises(ConsistentAvatarError, match="does not exist on this node: mount the shared volume"):
+            check_compile_cache(tmp_path / "unmounted", create=False)
+        render_job.FrameRenderer(spec(tmp_path / "unmounted"))
+        assert ENV not in os.environ and not (tmp_path / "unmounted").exists()
+        check_compile_cache(tmp_path / "cache")  # what the driver does before the job
+        render_job.FrameRenderer(spec(tmp_path / "cache"))
+        assert os.environ[ENV] == str(tmp_path / "cache")
+    finally:
+        torch.set_num_threads(threads)  # the pool actor set its own
 
 
 # A function compiled by inductor in a fresh process: the first run fills the cache, the second

@@ -10,7 +10,8 @@ compilation after the first one on the cluster hit that cache — other actors o
 later stages of the same shapes, the next render job. Dynamo still traces the Python (tens of
 seconds at sd15 shapes); the hit saves inductor's code generation, autotuning and kernel builds.
 
-A cache that only one node sees is harmless (the other nodes compile and fill their own). The folder
+The driver creates the folder; a worker on a node that does not see it (the volume not mounted there)
+warns and keeps torch's default cache rather than creating the path on the node's own disk. The folder
 must be a local or mounted path: inductor writes its entries there by path, with atomic renames.
 """
 
@@ -28,14 +29,20 @@ from .io import is_uri
 ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
-def check_compile_cache(folder: str | os.PathLike[str]) -> Path:
-    """The absolute cache folder, created and checked writable — before any work, on the driver."""
+def check_compile_cache(folder: str | os.PathLike[str], create: bool = True) -> Path:
+    """The absolute cache folder, checked writable — before any work, on the driver (``create``: made
+    if missing). Workers pass ``create=False``: a folder the driver made but this node does not see
+    means the shared volume is not mounted here, and creating it would fill the node's own disk."""
     if is_uri(str(folder)):
         raise ConsistentAvatarError(
             f"compile cache {folder}: a storage URI cannot hold torch.compile's cache (inductor writes files "
             "there by path); give a local folder or a mounted shared volume"
         )
     path = Path(folder).expanduser().absolute()
+    if not create and not path.is_dir():
+        raise ConsistentAvatarError(
+            f"compile cache {path} does not exist on this node: mount the shared volume here at the same path"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
@@ -47,14 +54,15 @@ def check_compile_cache(folder: str | os.PathLike[str]) -> Path:
     return path
 
 
-def use_compile_cache(folder: str | os.PathLike[str] | None) -> Path | None:
+def use_compile_cache(folder: str | os.PathLike[str] | None, create: bool = True) -> Path | None:
     """Make this process's later ``torch.compile`` calls read and write their cache under ``folder``.
 
-    Call it before the first compilation of the process (a Ray worker's set-up): inductor reads
-    ``TORCHINDUCTOR_CACHE_DIR`` whenever it looks for its cache. None leaves torch's default.
+    Call it before the first compilation of the process (a Ray worker's set-up, with ``create=False``:
+    see :func:`check_compile_cache`): inductor reads ``TORCHINDUCTOR_CACHE_DIR`` whenever it looks for
+    its cache. None leaves torch's default.
     """
     if folder is None:
         return None
-    path = check_compile_cache(folder)
+    path = check_compile_cache(folder, create=create)
     os.environ[ENV] = str(path)
     return path

@@ -330,7 +330,7 @@ class FrameRenderer:
             torch.set_num_threads(max(1, spec.num_threads))
         if spec.compile_cache is not None:
             try:
-                use_compile_cache(spec.compile_cache)  # before this process compiles anything
+                use_compile_cache(spec.compile_cache, create=False)  # before this process compiles anything
             except ConsistentAvatarError as exc:  # e.g. the volume is not mounted on this node
                 log.warning("%s: this pool actor compiles with torch's own cache", exc)
         self.dtype = getattr(torch, spec.dtype)

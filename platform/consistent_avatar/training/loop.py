@@ -295,7 +295,7 @@ def setup_backend(device: torch.device, performance: dict[str, Any]) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     if performance.get("compile_cache") is not None:
         try:
-            use_compile_cache(performance["compile_cache"])  # before this process compiles anything
+            use_compile_cache(performance["compile_cache"], create=False)  # before this process compiles anything
         except ConsistentAvatarError as exc:  # e.g. the volume is not mounted on this node
             log.warning("%s: this worker compiles with torch's own cache", exc)
 

@@ -412,6 +412,8 @@ def test_error_frames_of_two_render_settings(small_run: Path) -> None:
     pq.write_table(new, d / "outputs-0001-deadbeef.parquet")
     _fails(small_run, r"mixes frames rendered with different settings \(outputs.parquet → outputs-0001-deadbeef.parquet: "
            r"steps 4 → 2\).*--force")
+    pq.write_table(t.slice(0, 2), d / "outputs-0001-deadbeef.parquet")  # a part recording nothing
+    _fails(small_run, r"outputs-0001-deadbeef.parquet records no settings")
 
 
 def test_error_rows_and_actors_absent(small_run: Path) -> None:

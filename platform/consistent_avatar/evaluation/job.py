@@ -344,7 +344,7 @@ def _read_outputs(run: Path, row: str, actor: str) -> dict[int, dict[str, Any]]:
     from ..render.outputs import file_settings, settings_difference
 
     latest: dict[int, dict[str, Any]] = {}
-    first: tuple[Path, dict[str, Any]] | None = None
+    first: tuple[Path, dict[str, Any] | None] | None = None
     for path in _outputs_files(run / row / actor):
         try:
             t = pq.read_table(path, columns=["frame", "png", "seconds"])
@@ -353,15 +353,17 @@ def _read_outputs(run: Path, row: str, actor: str) -> dict[int, dict[str, Any]]:
             raise ConsistentAvatarError(
                 f"{path} cannot be read ({exc}): delete it and re-run `cavatar render` to render its frames again"
             ) from exc
-        if recorded is not None:
-            if first is None:
-                first = (path, recorded)
-            elif recorded != first[1]:
-                raise ConsistentAvatarError(
-                    f"{run / row / actor} mixes frames rendered with different settings ({first[0].name} → "
-                    f"{path.name}: {settings_difference(first[1], recorded)}): a forced re-render was stopped "
-                    "half-way; re-run that `cavatar render … --force` command to finish it, then evaluate"
-                )
+        # files without a record (hand-made runs) agree with each other; one beside recorded ones does not
+        if first is None:
+            first = (path, recorded)
+        elif recorded != first[1]:
+            what = (settings_difference(first[1], recorded) if recorded is not None
+                    else f"{path.name} records no settings")
+            raise ConsistentAvatarError(
+                f"{run / row / actor} mixes frames rendered with different settings ({first[0].name} → "
+                f"{path.name}: {what}): a forced re-render was stopped half-way; re-run that "
+                "`cavatar render … --force` command to finish it, then evaluate"
+            )
         for f, png, sec in zip(t["frame"].to_pylist(), t["png"].to_pylist(), t["seconds"].to_pylist()):
             latest[int(f)] = {"png": png, "seconds": sec}
     return latest
@@ -1182,8 +1184,11 @@ def evaluate(
                "and the real frames, so the real frames have no floor to report")
         why.update(pose_error=own, expression_error=own, emotion_accuracy=own)
     reference["unavailable"] = {k: why[k] or "not computed" for k, v in ref_vals.items() if not v}
-    reference["description"] = ("the face estimator on the real frames against the tracked codes: the floor of pose and "
-                                "expression error that a perfect render would get")
+    reference["description"] = (
+        "the face estimator on the real frames against the tracked codes: the floor of pose and expression error "
+        "that a perfect render would get" if comp.face is None or comp.face.shard_codes else
+        "none: the face estimator reads codes of its own, so PE/EE already compare rendered with real frames"
+    )
 
     table = pa.Table.from_pydict(columns, schema=PER_FRAME_SCHEMA)
     per_frame_path = out_path / PER_FRAME_FILE

@@ -350,7 +350,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-    from consistent_avatar.io import atomic_write_json
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -383,11 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     parts: list[dict[str, Any]] = []
     profiles: list[dict[str, Any]] = []
 
-    def save() -> None:
-        """Rewrite the JSON after every configuration: a run cut short keeps what it measured."""
-        atomic_write_json(
+    def save(complete: bool = False) -> None:
+        """Rewrite the JSON after every configuration: a run cut short keeps what it measured, in
+        ``<out>.partial.json`` until the run completes (``record.write_record``)."""
+        from record import write_record
+
+        write_record(
             out,
             {
+                "complete": complete,
                 "benchmark": "pipeline",
                 "command": "PYTHONPATH=platform python "
                 + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
@@ -403,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                 "profiles": profiles,
                 "precision_check": check,
             },
+            complete,
         )
 
     if args.components:
@@ -437,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             f"PSNR {check['psnr_db']:.1f} dB (frames in [0, 1])"
         )
 
+    save(complete=True)
     header = (
         f"{'preset':8s} {'device':8s} {'dtype':5s} {'sampler':7s} {'steps':>5s} {'batch':>5s} "
         f"{'ms/frame':>10s} {'frames/s':>9s} {'stage2 ms':>10s} {'stage3 ms':>10s}"

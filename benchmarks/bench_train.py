@@ -397,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(complete: bool) -> None:
         """Rewrite the JSON after every stage: a run cut short (a device call's time limit) keeps what
-        it measured."""
+        it measured, in ``<out>.partial.json`` until the run completes (``record.write_record``)."""
+        from record import write_record
+
         out.parent.mkdir(parents=True, exist_ok=True)
         total = sum(r["projected_minutes"] for r in results)
         record = {
@@ -409,9 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             "projected_total_minutes": round(total, 2),
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        tmp_out = out.with_name(f".{out.name}.tmp")
-        tmp_out.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp_out, out)
+        write_record(out, record, complete)
 
     with tempfile.TemporaryDirectory() as tmp:
         for stage in stages:

@@ -434,14 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def save() -> None:
-        """Rewrite the JSON after every phase (``complete`` false until the end): a run cut short by a
-        time limit keeps what it measured."""
+        """Rewrite the JSON after every phase (``complete`` false until the end, in ``<out>.partial.json``):
+        a run cut short by a time limit keeps what it measured."""
+        from record import write_record
+
         record["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         record["phases_s"]["total"] = round(time.perf_counter() - t_start, 2)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = out.with_name(f".{out.name}.tmp")
-        tmp_out.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp_out, out)
+        write_record(out, record, bool(record["complete"]))
 
     try:
         t = time.perf_counter()

@@ -350,7 +350,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -16,7 +16,6 @@ the preset has no pretrained VAE), and writes JSON (command, machine, settings, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile

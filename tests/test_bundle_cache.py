@@ -264,3 +264,26 @@ def test_a_filesystem_without_flock_loads_unprotected_and_prunes_nothing(tmp_pat
     assert set(_entries(cache)) == set(ACTORS) and all(b.root.is_dir() for b in loaded)
     warned = _messages(records, logging.WARNING)
     assert warned and all("cannot lock files" in m and "CONSISTENT_AVATAR_CACHE" in m for m in warned)
+
+
+def test_room_is_made_before_a_download_starts(tmp_path, remote_dir, remote, monkeypatch) -> None:
+    """The cache makes room for a bundle (its size from bundle.json) before downloading it, so the
+    cache stays within its limit during the download too: with room for two, c's download starts
+    after a, the least recently used, is gone."""
+    from pyarrow import fs as pyarrow_fs
+
+    size = max(_bytes(remote_dir / a) for a in ACTORS)
+    cache = tmp_path / "cache"
+    load = {"filesystem": remote, "cache_dir": cache, "cache_limit_bytes": int(2.5 * size)}
+    for actor in ("a", "b"):
+        locate_bundle(actor, **load)
+    seen: list[set[str]] = []
+    real_copy = pyarrow_fs.copy_files  # what _fetch downloads with (imported from pyarrow.fs at call time)
+
+    def copy_files(*args, **kwargs):  # noqa: ANN002, ANN003
+        seen.append(set(_entries(cache)))
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(pyarrow_fs, "copy_files", copy_files)
+    locate_bundle("c", **load)
+    assert seen == [{"b"}] and set(_entries(cache)) == {"b", "c"}

@@ -788,8 +788,12 @@ def _remove_stale_work(cache: Path) -> None:
             pass
 
 
-def _prune_cache(cache: Path, limit: int | None, keep: Path) -> None:
+def _prune_cache(cache: Path, limit: int | None, keep: Path, incoming: int = 0) -> None:
     """Delete least-recently-used entries of ``cache`` until its entries total at most ``limit`` bytes.
+
+    ``incoming``: the size of a download about to start (``keep`` not yet in the cache): room is made
+    for it first, so the cache stays within the limit during the download too; warnings are left to
+    the pass after it.
 
     ``keep`` (the entry just fetched, whose lock the caller holds) is never deleted. An entry whose lock
     another process holds (it is loading from it) is skipped. Deleting renames the entry to a
@@ -817,7 +821,7 @@ def _prune_cache(cache: Path, limit: int | None, keep: Path) -> None:
         freed = 0
         in_use: list[str] = []
         for _, name, entry, size in sorted(entries):  # least recently used first
-            if total <= limit:
+            if total + incoming <= limit:
                 break
             if entry == keep:
                 continue
@@ -854,6 +858,8 @@ def _prune_cache(cache: Path, limit: int | None, keep: Path) -> None:
             "bundle cache %s: pruned %d least recently used bundle(s) (%s), freed %s; it holds %s (limit %s)",
             cache, len(pruned), ", ".join(pruned), _gb(freed), _gb(total), _gb(limit),
         )
+    if incoming:
+        return  # the pass after the download warns, if the cache is still over its limit then
     if kept_bytes > limit:
         log.warning(
             "bundle cache %s: its limit, %s (cache_limit_bytes or $%s), is smaller than one bundle: %s "
@@ -869,6 +875,16 @@ def _prune_cache(cache: Path, limit: int | None, keep: Path) -> None:
         )
 
 
+def _manifest_bytes(manifest: bytes) -> int:
+    """The total size of a bundle's files as its ``bundle.json`` lists them (0 when it cannot be read:
+    the bundle is then refused when loaded)."""
+    try:
+        files = json.loads(manifest).get("files") or {}
+        return sum(int(entry.get("bytes", 0)) for entry in files.values())
+    except (ValueError, TypeError, AttributeError):
+        return 0
+
+
 @contextlib.contextmanager
 def _fetch(fs: Any, path: str, uri: str, cache_dir: Path | None, limit: int | None) -> Iterator[Path]:
     """Copy a bundle from a non-local filesystem into the cache (atomically), or reuse the cached copy;
@@ -877,14 +893,15 @@ def _fetch(fs: Any, path: str, uri: str, cache_dir: Path | None, limit: int | No
     Each version of a bundle gets its own cache folder ``<name>-<16 hex>``; a changed bundle is
     downloaded into a new folder and the earlier version stays until pruned. The caller's process holds
     a shared ``flock`` on ``<cache>/<entry>.lock`` (:func:`cache_entry_lock_path`) from before the cached
-    copy is checked until the block ends. Once the entry is published or reused, its folder's mtime is set
+    copy is checked until the block ends. Before a download the cache makes room for the bundle's size
+    (from its ``bundle.json``). Once the entry is published or reused, its folder's mtime is set
     to now (its last use) and the cache is pruned to ``limit`` bytes (:func:`bundle_cache_limit`; None:
     unlimited): least recently used entries first, skipping entries another process holds locked and
     never this one (if it alone exceeds the limit it is kept, with a warning). Other processes' staging
     folders (downloads in progress) are neither counted nor touched, unless nothing has written to
     them for a day (:data:`STALE_WORK_SECONDS`): then they are leftovers of a killed process and removed
     (as are a killed pruner's ``.trash-`` folders, at once). The cache may therefore exceed the limit by
-    the downloads in progress."""
+    other processes' downloads in progress."""
     from pyarrow import fs as pafs
 
     manifest = _read_remote_bytes(fs, f"{path.rstrip('/')}/{MANIFEST_FILE}")
@@ -905,6 +922,7 @@ def _fetch(fs: Any, path: str, uri: str, cache_dir: Path | None, limit: int | No
         if cached.is_file() and cached.read_bytes() == manifest:
             log.info("bundle %s: using the cached copy %s", uri, final)
         else:
+            _prune_cache(cache, limit, keep=final, incoming=_manifest_bytes(manifest))  # room first
             staged = staging_dir(final)
             try:
                 pafs.copy_files(

@@ -17,12 +17,15 @@ must be a local or mounted path: inductor writes its entries there by path, with
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
 
 from .errors import ConsistentAvatarError
 from .io import is_uri
+
+log = logging.getLogger(__name__)
 
 #: the environment variable inductor reads for its cache root (Triton's kernels go under it too,
 #: unless ``TRITON_CACHE_DIR`` is set)
@@ -66,3 +69,14 @@ def use_compile_cache(folder: str | os.PathLike[str] | None, create: bool = True
     path = check_compile_cache(folder, create=create)
     os.environ[ENV] = str(path)
     return path
+
+
+def join_compile_cache(folder: str | os.PathLike[str] | None, who: str) -> Path | None:
+    """A worker's set-up (``who``: "this pool actor", "this worker"): use the folder the driver checked,
+    or — on a node that does not see it (the volume not mounted here) — warn and keep torch's own cache.
+    The cache only saves time, so a node without it still does the same work."""
+    try:
+        return use_compile_cache(folder, create=False)
+    except ConsistentAvatarError as exc:
+        log.warning("%s: %s compiles with torch's own cache", exc, who)
+        return None

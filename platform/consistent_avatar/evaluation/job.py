@@ -328,24 +328,17 @@ def _split_frames(shards: Shards, actor: str, split: str) -> list[int]:
     return [int(f) for f in t["frame"].to_pylist()]
 
 
-def _outputs_files(directory: Path) -> list[Path]:
-    """outputs.parquet, then the parts a killed run left (oldest first: a later row for a frame wins)."""
-    files = [directory / "outputs.parquet"] if (directory / "outputs.parquet").is_file() else []
-    parts = [p for p in directory.glob("outputs-*.parquet") if p.is_file()]
-    return files + sorted(parts, key=lambda p: (p.stat().st_mtime_ns, p.name))
-
-
 def _read_outputs(run: Path, row: str, actor: str) -> dict[int, dict[str, Any]]:
     """Newest outputs row per frame of RUN/<row>/<actor> (frame → {png, seconds}).
 
     Every outputs file records the settings it was rendered with; a folder whose files disagree is
     a forced re-render (``--force``) killed half-way — old frames beside new ones — and is refused
     rather than measured as one video."""
-    from ..render.outputs import file_settings, settings_difference
+    from ..render.outputs import file_settings, output_files, settings_difference
 
     latest: dict[int, dict[str, Any]] = {}
     first: tuple[Path, dict[str, Any] | None] | None = None
-    for path in _outputs_files(run / row / actor):
+    for path in output_files(run / row / actor):
         try:
             t = pq.read_table(path, columns=["frame", "png", "seconds"])
             recorded = file_settings(path)

@@ -103,7 +103,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..compile_cache import check_compile_cache, use_compile_cache
+from ..compile_cache import check_compile_cache, join_compile_cache
 from ..data.layout import EXPRESSION_DIM, POSE_DIM
 from ..data.shards import Shards, actor_parts, load_manifest, open_shards
 from ..errors import ConsistentAvatarError
@@ -328,11 +328,7 @@ class FrameRenderer:
         else:
             self.device = torch.device("cpu")
             torch.set_num_threads(max(1, spec.num_threads))
-        if spec.compile_cache is not None:
-            try:
-                use_compile_cache(spec.compile_cache, create=False)  # before this process compiles anything
-            except ConsistentAvatarError as exc:  # e.g. the volume is not mounted on this node
-                log.warning("%s: this pool actor compiles with torch's own cache", exc)
+        join_compile_cache(spec.compile_cache, "this pool actor")  # before this process compiles anything
         self.dtype = getattr(torch, spec.dtype)
         self.pipelines: OrderedDict[str, Any] = OrderedDict()
         self.load_errors: dict[str, str] = {}

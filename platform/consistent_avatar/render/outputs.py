@@ -160,8 +160,9 @@ def settings_difference(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -
     return ", ".join(diffs)
 
 
-def _output_files(directory: Path) -> list[Path]:
-    """outputs.parquet first, then the parts oldest first (a later file's row for a frame wins)."""
+def output_files(directory: Path) -> list[Path]:
+    """The outputs files of one ``<row>/<actor>`` folder: outputs.parquet first, then the parts a
+    running or killed render wrote, oldest first (a later file's row for a frame wins)."""
     files: list[Path] = []
     if (directory / OUTPUTS_FILE).is_file():
         files.append(directory / OUTPUTS_FILE)
@@ -208,7 +209,7 @@ def scan_outputs(out: str | Path, row: str, actor: str, settings: Mapping[str, A
     out = Path(out)
     directory = actor_dir(out, row, actor)
     matching, stale = [], {}
-    for p in _output_files(directory):
+    for p in output_files(directory):
         try:
             recorded = file_settings(p)
         except (pa.ArrowException, OSError, json.JSONDecodeError) as exc:
@@ -232,7 +233,7 @@ def compact_outputs(out: str | Path, row: str, actor: str, settings: Mapping[str
     parts; files of other settings are dropped (only reached under ``force``). Returns the table."""
     out = Path(out)
     directory = actor_dir(out, row, actor)
-    files = _output_files(directory)
+    files = output_files(directory)
     matching = [p for p in files if _safe_settings(p) == dict(settings)]
     table = _merge(out, matching)
     if not files:
@@ -261,7 +262,7 @@ def read_outputs(out: str | Path, row: str, actor: str) -> pa.Table:
     """Every rendered frame of ``row``/``actor``: ``outputs.parquet`` plus parts a killed run left,
     newest row per frame, only frames whose PNG exists, sorted by frame (the outputs schema)."""
     out = Path(out)
-    return _merge(out, _output_files(actor_dir(out, row, actor)))
+    return _merge(out, output_files(actor_dir(out, row, actor)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..compile_cache import use_compile_cache
+from ..compile_cache import join_compile_cache
 from ..errors import ConsistentAvatarError
 from ..io import atomic_write_json
 from .data import to_device
@@ -293,11 +293,7 @@ def setup_backend(device: torch.device, performance: dict[str, Any]) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    if performance.get("compile_cache") is not None:
-        try:
-            use_compile_cache(performance["compile_cache"], create=False)  # before this process compiles anything
-        except ConsistentAvatarError as exc:  # e.g. the volume is not mounted on this node
-            log.warning("%s: this worker compiles with torch's own cache", exc)
+    join_compile_cache(performance.get("compile_cache"), "this worker")  # before this process compiles anything
 
 
 def build_engine(spec: StageSpec, device: torch.device, world: int) -> tuple[StageRunner, Any, torch.optim.Optimizer]:

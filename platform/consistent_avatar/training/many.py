@@ -26,7 +26,7 @@ import ray
 
 from ..compile_cache import check_compile_cache
 from ..errors import ConsistentAvatarError
-from ..io import absolute_or_uri
+from ..io import absolute_or_uri, atomic_write_json
 from .actor import ActorOutcome, ActorTrainer, resolve_preset, scaling_for
 from .config import TrainConfig
 
@@ -227,8 +227,6 @@ def train(
     if force:
         _remove_runs(out, names, config)
     report = train_many(shards, names, config, out, progress=progress)
-    from ..io import atomic_write_json
-
     atomic_write_json(out / "train_report.json", report.to_json())
     return report
 

@@ -142,14 +142,16 @@ def profile_backward(runner: Any, engine: Any, batch: dict[str, torch.Tensor], g
 
     Why: on the GPU the stage-3 backward took 100 ms of wall for less GPU work. ZeRO-1/2 runs a Python
     hook per trainable parameter (``process_gradients``: copy into the contiguous gradient buffer,
-    bucket bookkeeping) and, after the last one, an epilogue; both are timed here by wrapping those two
+    bucket bookkeeping) and, after the last one, an epilogue (with ``lean_zero_backward``: no hooks, one
+    copy in the epilogue); all are timed here by wrapping those
     methods on this engine's optimiser instance (a benchmark-only wrapper, removed afterwards). The
     hook time is host time: where the host is the bottleneck, it is the backward's share of the step.
     """
     from torch.profiler import ProfilerActivity, profile
 
     opt = engine.optimizer
-    timed = [m for m in ("process_gradients", "update_hook_state_and_maybe_run_epilogue") if hasattr(opt, m)]
+    timed = [m for m in ("process_gradients", "update_hook_state_and_maybe_run_epilogue",
+                         "overlapping_partition_gradients_reduce_epilogue") if hasattr(opt, m)]
     spent = {m: 0.0 for m in timed}
     calls = {m: 0 for m in timed}
 
@@ -264,7 +266,8 @@ def bench_stage(stage: str, args: argparse.Namespace, preset: ModelPreset, devic
                 "precision": args.dtype}
     ).model_dump(mode="json")
     perf = {"channels_last": args.channels_last, "compile": args.compile, "compile_mode": args.compile_mode,
-            "fused_adam": None, "tf32": True, "lean_zero_step": args.lean_zero_step}
+            "fused_adam": None, "tf32": True, "lean_zero_step": args.lean_zero_step,
+            "lean_zero_backward": args.lean_zero_backward}
     kind = STAGE_KIND[stage]
     inputs: dict[str, str] = {}
     if stage.startswith("lcm_"):  # a teacher to distil: the randomly initialised stage model
@@ -359,15 +362,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zero", type=int, default=2, choices=[0, 1, 2])
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--compile-mode", default="default",
+    p.add_argument("--compile-mode", default=None,
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
-                   help="inductor mode of --compile (performance.compile_mode)")
+                   help="inductor mode of --compile (performance.compile_mode; default: the trainer's, "
+                   "reduce-overhead for tsdm/fcsd, default for the others)")
     p.add_argument("--latents", action=argparse.BooleanOptionalAction, default=True,
                    help="feed precomputed VAE latents (as shards with latents do)")
     p.add_argument("--phases", action="store_true", help="also time forward / backward / optimiser step apart")
     p.add_argument("--profile", action="store_true", help="also profile 3 steps (GPU busy vs wall, top kernels and ops)")
     p.add_argument("--lean-zero-step", action=argparse.BooleanOptionalAction, default=True,
                    help="one fused gradient-norm / overflow check per ZeRO step (performance.lean_zero_step)")
+    p.add_argument("--lean-zero-backward", action=argparse.BooleanOptionalAction, default=True,
+                   help="gradients into ZeRO's flat buffer in one copy after the backward, not one hook per "
+                   "parameter (performance.lean_zero_backward)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_<preset>_<device>.json)")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="torch.compile's cache folder (consistent_avatar.compile_cache): a second run with the same "

@@ -1,8 +1,10 @@
-"""The DeepSpeed configuration of a stage and the fused ZeRO step (``loop.lean_zero_step``).
+"""The DeepSpeed configuration of a stage and the ZeRO fast paths (``zero_fast.lean_zero_step`` and
+``zero_fast.lean_zero_backward``).
 
 One process, world size 1, gloo on CPU, the ``tiny`` preset's stage 2 (TSDM) on random inputs: the
 fused gradient norm and overflow test give DeepSpeed's own answers, a non-finite gradient still skips
-the step, the stage trains (its loss falls) and resumes from a checkpoint exactly as without them.
+the step, gradients copied in one go after the backward give DeepSpeed's own weights, the stage trains
+(its loss falls) and resumes from a checkpoint exactly as without them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from conftest import end_process_group
 from consistent_avatar.models import load_preset
 from consistent_avatar.training import TrainConfig
 from consistent_avatar.training.data import StageCollate
-from consistent_avatar.training.loop import _tiling_buffer, build_engine, deepspeed_config, setup_backend
+from consistent_avatar.training.loop import build_engine, deepspeed_config, setup_backend
+from consistent_avatar.training.zero_fast import _tiling_buffer
 from consistent_avatar.training.stages import StageSpec
 
 
@@ -41,13 +44,15 @@ def process_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _spec(tmp_path: Path, precision: str, lean: bool, lr: float = 1e-3, **update: Any) -> StageSpec:
+def _spec(
+    tmp_path: Path, precision: str, lean: bool, lr: float = 1e-3, lean_backward: bool | None = None, **update: Any
+) -> StageSpec:
     cfg = TrainConfig().stage("tsdm").model_copy(
         update={"batch_size": 2, "micro_batch_size": 2, "precision": precision, "lr": lr, **update}
     ).model_dump(mode="json")
     return StageSpec(
         actor="t", stage="tsdm", preset=load_preset("tiny").model_dump(mode="json"), config=cfg,  # type: ignore[arg-type]
-        performance={"lean_zero_step": lean}, seed=0, num_workers=1, probe_files=[], columns=[],
+        performance={"lean_zero_step": lean, "lean_zero_backward": lean if lean_backward is None else lean_backward}, seed=0, num_workers=1, probe_files=[], columns=[],
         collate=StageCollate("t", "tsdm"), stage_dir=str(tmp_path / f"tsdm-{precision}-{lean}"),
     )
 
@@ -65,9 +70,12 @@ def _batch() -> dict[str, torch.Tensor]:
     }
 
 
-def _engine(tmp_path: Path, precision: str, lean: bool, lr: float = 1e-3, **update: Any) -> tuple[Any, Any]:
+def _engine(
+    tmp_path: Path, precision: str, lean: bool, lr: float = 1e-3, lean_backward: bool | None = None, **update: Any
+) -> tuple[Any, Any]:
     torch.manual_seed(0)
-    runner, engine, _ = build_engine(_spec(tmp_path, precision, lean, lr, **update), torch.device("cpu"), 1)
+    spec = _spec(tmp_path, precision, lean, lr, lean_backward, **update)
+    runner, engine, _ = build_engine(spec, torch.device("cpu"), 1)
     return runner, engine
 
 
@@ -148,7 +156,7 @@ def test_fused_step_equals_deepspeeds_under_zero1_and_gradient_accumulation(
     """The equivalence does not rest on ZeRO-2 with one micro-batch per step: under ZeRO-1, and ZeRO-2
     accumulating two micro-batches per optimiser step, the fused paths run (no fallback) and give
     DeepSpeed's own weights and norms."""
-    import consistent_avatar.training.loop as loop
+    import consistent_avatar.training.zero_fast as loop
 
     batch = _batch()
     runs = {}
@@ -171,9 +179,75 @@ def test_fused_step_equals_deepspeeds_under_zero1_and_gradient_accumulation(
     assert all(torch.equal(a, b) for a, b in zip(runs[False][1], runs[True][1]))
 
 
+def _flat_grads(engine: Any) -> torch.Tensor:
+    grads = engine.optimizer.averaged_gradients[0]
+    return torch.cat([g.reshape(-1) for g in grads if not getattr(g, "_zero_padding", False)])
+
+
+def test_lean_backward_gives_deepspeeds_gradients_and_weights(process_group: None, tmp_path: Path) -> None:
+    """Without DeepSpeed's per-parameter hooks, the gradients that reach its partition after one backward
+    are bitwise DeepSpeed's own, and eight bf16 steps end on the same weights (the fused norm off, so that
+    only the backward differs)."""
+    batch = _batch()
+    runs = {}
+    for lean_backward in (False, True):
+        runner, engine = _engine(tmp_path, "bf16", lean=False, lean_backward=lean_backward)
+        opt = engine.optimizer
+        assert (len(opt._grad_acc_hooks) == 0) == lean_backward  # the hooks are gone, not merely idle
+        gen = torch.Generator().manual_seed(6)
+        engine.backward(runner.loss(engine, batch, gen))
+        first = _flat_grads(engine).clone()
+        if lean_backward:
+            flat = opt.averaged_gradients[0].flat_partition
+            assert flat.numel() == opt.partition_size[0] and torch.equal(flat[: first.numel()], first)
+            assert all(p.grad is None for p in opt.params_in_partition[0])  # gradients live in the buffer only
+        engine.step()
+        for _ in range(7):
+            engine.backward(runner.loss(engine, batch, gen))
+            engine.step()
+        runs[lean_backward] = (first, float(engine.get_global_grad_norm()), _weights(runner))
+    (g0, n0, w0), (g1, n1, w1) = runs[False], runs[True]
+    assert torch.equal(g0, g1) and n0 == n1
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1))
+
+
+def test_lean_backward_zero_fills_a_parameter_without_gradient(process_group: None, tmp_path: Path) -> None:
+    """A trainable parameter the step did not reach has zeros in the flat partition (as in DeepSpeed's),
+    and the gradients of the others are untouched."""
+    batch = _batch()
+    reference_runner, reference = _engine(tmp_path, "bf16", lean=True)
+    reference.backward(reference_runner.loss(reference, batch, torch.Generator().manual_seed(2)))
+    expected = _flat_grads(reference)
+    runner, engine = _engine(tmp_path, "bf16", lean=True)
+    params = engine.optimizer.params_in_partition[0]
+    skipped = len(params) // 3
+    offset = sum(p.numel() for p in params[:skipped])
+    # drop this parameter's gradient as soon as it is accumulated: the epilogue then sees none
+    params[skipped].register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    engine.optimizer.averaged_gradients[0] = None
+    engine.backward(runner.loss(engine, batch, torch.Generator().manual_seed(2)))
+    got = _flat_grads(engine)
+    n = params[skipped].numel()
+    assert expected[offset : offset + n].abs().sum() > 0 and not got[offset : offset + n].any()
+    assert torch.equal(got[:offset], expected[:offset]) and torch.equal(got[offset + n :], expected[offset + n :])
+    engine.step()
+    assert int(engine.global_steps) == 1
+
+
+@pytest.mark.parametrize("update", [{"zero_stage": 1}, {"batch_size": 4}])
+def test_lean_backward_leaves_other_setups_to_deepspeed(process_group: None, tmp_path: Path, update: dict[str, Any]) -> None:
+    """ZeRO-1 and gradient accumulation (two micro-batches of 2 per step) keep DeepSpeed's hooks."""
+    from consistent_avatar.training.zero_fast import lean_zero_backward
+
+    runner, engine = _engine(tmp_path, "bf16", lean=True, **update)
+    assert len(engine.optimizer._grad_acc_hooks) > 0
+    assert not lean_zero_backward(engine)
+
+
 def test_compile_mode_reaches_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
-    """performance.compile_mode is the inductor mode the trainer compiles its UNets/ControlNets with
-    (reduce-overhead: CUDA graphs for the host-bound step); an unknown mode is a config error."""
+    """performance.compile_mode is the inductor mode the trainer compiles its UNets/ControlNets with;
+    unset, stages 2 and 3 compile with CUDA graphs (reduce-overhead: their step is host-bound without
+    them) and the LCM stages with inductor's default; an unknown mode is a config error."""
     import types
 
     from diffusers import UNet2DConditionModel
@@ -189,10 +263,17 @@ def test_compile_mode_reaches_torch_compile(monkeypatch: pytest.MonkeyPatch) -> 
     seen: list[tuple[str, dict[str, Any]]] = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **k: seen.append((type(self).__name__, k)))
     runner = types.SimpleNamespace(speed_roots=lambda: [unet])
-    spec = types.SimpleNamespace(performance=TrainConfig.parse(
-        {"performance": {"compile": True, "compile_mode": "reduce-overhead", "channels_last": False}}
-    ).performance.model_dump(mode="json"))
-    _prepare_modules(runner, spec, cuda=False)  # type: ignore[arg-type]
-    assert seen == [("UNet2DConditionModel", {"mode": "reduce-overhead"})]
+
+    def modes(stage: str, **performance: Any) -> list[tuple[str, dict[str, Any]]]:
+        seen.clear()
+        perf = TrainConfig.parse({"performance": {"compile": True, "channels_last": False, **performance}})
+        spec = types.SimpleNamespace(stage=stage, performance=perf.performance.model_dump(mode="json"))
+        _prepare_modules(runner, spec, cuda=False)  # type: ignore[arg-type]
+        return list(seen)
+
+    assert modes("lcm_fcsd", compile_mode="reduce-overhead") == [("UNet2DConditionModel", {"mode": "reduce-overhead"})]
+    assert modes("fcsd", compile_mode="default") == [("UNet2DConditionModel", {"mode": "default"})]
+    assert modes("fcsd") == modes("tsdm") == [("UNet2DConditionModel", {"mode": "reduce-overhead"})]
+    assert modes("lcm_fcsd") == modes("lcm_tsdm") == [("UNet2DConditionModel", {"mode": "default"})]
     with pytest.raises(ConsistentAvatarError, match="compile_mode"):
         TrainConfig.parse({"performance": {"compile_mode": "fastest"}})

@@ -121,10 +121,10 @@ class DataSection(_Strict):
 class PerformanceSection(_Strict):
     channels_last: bool | None = Field(None, description="None: on GPU only")
     compile: bool | None = Field(None, description="torch.compile UNet/ControlNet; None: on GPU only")
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = Field(
-        "default",
-        description="inductor mode of that compile; reduce-overhead adds CUDA graphs (fewer kernel launches from "
-        "the host; the step is host-bound, benchmarks/README.md), not yet measured in training",
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] | None = Field(
+        None,
+        description="inductor mode of that compile; None: reduce-overhead (CUDA graphs: the step is host-bound "
+        "without them) for the stages measured under CUDA graphs on a GPU (tsdm, fcsd), default for the others",
     )
     compile_cache: str | None = Field(
         None,
@@ -134,6 +134,11 @@ class PerformanceSection(_Strict):
     fused_adam: bool | None = Field(None, description="None: on GPU only")
     lean_zero_step: bool = Field(
         True, description="one fused gradient-norm and overflow check per ZeRO step instead of one per parameter"
+    )
+    lean_zero_backward: bool = Field(
+        True,
+        description="one worker under ZeRO-2: gradients reach the optimiser's flat buffer in one multi-tensor copy "
+        "after the backward instead of a Python hook per parameter during it",
     )
     tf32: bool = True
     train_poll_s: float | None = Field(

@@ -40,6 +40,7 @@ from ..errors import ConsistentAvatarError
 from ..io import atomic_write_json
 from .data import to_device
 from .stages import StageRunner, StageSpec, make_runner
+from .zero_fast import lean_zero_backward, lean_zero_step
 
 log = logging.getLogger(__name__)
 
@@ -92,108 +93,6 @@ def deepspeed_config(cfg: dict[str, Any], num_workers: int, bf16: bool) -> dict[
     if cfg.get("grad_clip"):
         ds["gradient_clipping"] = float(cfg["grad_clip"])
     return ds
-
-
-def _tiling_buffer(grads: list[torch.Tensor]) -> torch.Tensor | None:
-    """The one flat buffer that ``grads`` tile exactly (contiguous, same storage, disjoint, no gap),
-    as a 1-D tensor; None when they do not (then DeepSpeed's own per-tensor code runs)."""
-    if not grads:
-        return None
-    first = grads[0]
-    storage = first.untyped_storage()
-    ptr, size = storage.data_ptr(), storage.nbytes() // first.element_size()
-    spans = []
-    for g in grads:
-        if (g.dtype != first.dtype or g.device != first.device or g.is_sparse or not g.is_contiguous()
-                or g.untyped_storage().data_ptr() != ptr):
-            return None
-        spans.append((g.storage_offset(), g.numel()))
-    spans.sort()
-    end = 0
-    for offset, numel in spans:
-        if offset != end:
-            return None
-        end += numel
-    if end != size:
-        return None
-    return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, 0, (size,), (1,))
-
-
-def lean_zero_step(engine: Any) -> bool:
-    """Replace the per-parameter loops of DeepSpeed's ZeRO-1/2 ``step()`` with one reduction each over
-    the flat gradient buffer, when the gradients live in one (ZeRO-2, contiguous_gradients: every
-    gradient of this rank's partition is a view into one buffer; world size 1 and whole parameters).
-
-    DeepSpeed 0.19.8 (``runtime/zero/stage_1_and_2.py``) does, per step and per trainable parameter:
-
-    - ``get_grad_norm_direct`` (gradient clipping): ``g.to(float64)`` (a copy) then ``vector_norm`` — two
-      kernels per parameter, then a stack and a sum;
-    - ``has_overflow_partitioned_grads_serial`` (bf16 ``check_grad_overflow``): ``has_inf_or_nan(g)`` =
-      ``amax``, ``amin``, two ``isfinite`` and a logical op, then an add into a counter — about six
-      kernels per parameter, before one all-reduce and one ``.item()``.
-
-    Here, when the gradients tile one buffer, the norm is ``vector_norm(…, dtype=float64)`` over the
-    buffer in chunks (the same fp64 accumulation, so the same clipping factor up to fp64 rounding) and the overflow test is
-    ``has_inf_or_nan(buffer)`` (the same answer: a non-finite gradient still skips the step). Everything
-    after (all-reduces, ``.item()``, clipping, Adam, loss scale) is DeepSpeed's own code. Otherwise
-    (offload, several ranks owning parts of a parameter, zero padding that is not all-zero...) each call
-    falls back to DeepSpeed's method. Returns whether the fast paths were installed.
-    """
-    from deepspeed.runtime.utils import has_inf_or_nan
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    opt = engine.optimizer
-    if type(opt) is not DeepSpeedZeroOptimizer or opt.cpu_offload or opt.model_parallel_world_size != 1:
-        return False
-    needed = ("get_grad_norm_direct", "has_overflow_partitioned_grads_serial", "bit16_groups",
-              "averaged_gradients", "params_in_partition", "dp_process_group")
-    missing = [name for name in needed if not hasattr(opt, name)]
-    if missing:  # another DeepSpeed than the one this was written against (requirements.lock)
-        log.warning("lean_zero_step: DeepSpeed's ZeRO optimiser lacks %s; its own step runs", missing)
-        return False
-    original_norm = opt.get_grad_norm_direct
-    original_overflow = opt.has_overflow_partitioned_grads_serial
-
-    def grad_norm(gradients: Any, params: Any, norm_type: float = 2) -> torch.Tensor:
-        gradients, params = list(gradients), list(params)
-        grads = [g for g in gradients if not getattr(g, "_zero_padding", False)][: len(params)]
-        flat = None
-        if float(norm_type) == 2.0 and len(grads) == len(params) and not any(hasattr(p, "ds_pipe_replicated") for p in params):
-            flat = _tiling_buffer(grads)
-        if flat is None:
-            return original_norm(gradients, params, norm_type)
-        from deepspeed import comm as dist
-        from deepspeed.runtime.zero.utils import get_norm_dtype
-        from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
-
-        # In chunks: an fp64 norm of the whole buffer would first copy all of it to fp64 (4× a bf16
-        # gradient buffer: ~7 GB for a full SD 1.5 UNet); 2^24-element chunks keep that at 128 MB.
-        norm_dtype = get_norm_dtype()
-        total = sum(
-            torch.linalg.vector_norm(chunk, 2, dtype=norm_dtype).pow(2) for chunk in flat.split(1 << 24)
-        ).float()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=opt.dp_process_group)
-        total = total.pow(0.5)
-        mask_nan_or_inf_with_val_inplace(total, device=opt.device)
-        return total
-
-    def overflow_serial() -> torch.Tensor:
-        own: list[torch.Tensor] = []
-        for i in range(len(opt.bit16_groups)):
-            grads = [g for g in opt.averaged_gradients[i] or [] if not getattr(g, "_zero_padding", False)]
-            n = len(opt.params_in_partition[i])
-            if any(g is None for g in grads[:n]):
-                return original_overflow()
-            # past the partition's parameters come only DeepSpeed's torch.zeros alignment padding
-            own += grads[:n]
-        flat = _tiling_buffer(own)
-        if flat is None:
-            return original_overflow()
-        return has_inf_or_nan(flat).reshape(1)
-
-    opt.get_grad_norm_direct = grad_norm
-    opt.has_overflow_partitioned_grads_serial = overflow_serial
-    return True
 
 
 class _Board:
@@ -256,6 +155,10 @@ def _perf(spec: StageSpec, cuda: bool, key: str) -> bool:
 
 
 _SPEED_MODULES = ("UNet2DConditionModel", "ControlNetModel", "AutoencoderKL")
+# Stages whose compiled step has run under CUDA graphs (compile mode reduce-overhead) on a GPU: the
+# default mode there. The LCM stages call the compiled teacher / target several times a step, which
+# CUDA-graph trees handle differently; they keep inductor's default mode until measured.
+CUDA_GRAPH_STAGES = ("tsdm", "fcsd")
 
 
 def _prepare_modules(runner: StageRunner, spec: StageSpec, cuda: bool) -> None:
@@ -273,7 +176,9 @@ def _prepare_modules(runner: StageRunner, spec: StageSpec, cuda: bool) -> None:
             if not any(p.requires_grad for p in m.parameters()):
                 m.to(memory_format=torch.channels_last)
     if _perf(spec, cuda, "compile"):
-        mode = spec.performance.get("compile_mode") or "default"
+        mode = spec.performance.get("compile_mode") or (
+            "reduce-overhead" if spec.stage in CUDA_GRAPH_STAGES else "default"
+        )
         for m in modules:
             if type(m).__name__ != "AutoencoderKL":
                 m.compile(mode=mode)
@@ -321,6 +226,8 @@ def build_engine(spec: StageSpec, device: torch.device, world: int) -> tuple[Sta
     )
     if _perf(spec, True, "lean_zero_step"):
         lean_zero_step(engine)
+    if _perf(spec, True, "lean_zero_backward"):
+        lean_zero_backward(engine)
     runner.attach(engine)
     _prepare_modules(runner, spec, cuda)
     return runner, engine, optimizer

@@ -241,3 +241,8 @@ def test_vae_latents_and_local_clip(small_actors: Path, tmp_path: Path) -> None:
         ref = vae.encode(real).latent_dist.mean * vae.config.scaling_factor
     np.testing.assert_allclose(lat.astype(np.float32), ref.numpy(), atol=2e-3, rtol=1e-2)
     assert pq.read_schema(actor_files(tmp_path / "S", "actor_000")[0]).get_field_index("latent_tsd_coarse") >= 0
+    # the VAE's identity by content (sha256 of its safetensors, as bundle.json records a bundle's VAE)
+    from consistent_avatar.vae_identity import vae_dir_identity
+
+    identity = manifest["actors"]["actor_000"]["vae_identity"]
+    assert identity == vae_dir_identity(vae_dir) and len(identity["weights_sha256"]) == 64

@@ -592,17 +592,19 @@ def test_cli_options_make_the_config_and_the_command_round_trips() -> None:
     argv = ["render", "--shards", "S", "--bundles", "s3://bucket/bundles", "--out", "O", "--split", "all",
             "--actors", "a,b", "--rows", "full,without_lcm", "--steps", "2", "--teacher-steps", "10",
             "--seed", "7", "--batch-size", "16", "--concurrency", "1:4", "--gpus-per-actor", "0.5",
-            "--dtype", "bfloat16", "--io-cpus", "0.5", "--no-refiner", "--fps", "30", "--force"]
+            "--dtype", "bfloat16", "--io-cpus", "0.5", "--no-refiner", "--fps", "30", "--force",
+            "--no-shard-latents"]
     config = config_from_args(parser.parse_args(argv))
     assert config.split == "all" and config.actors == ["a", "b"] and config.rows == ["full", "without_lcm"]
     assert (config.steps, config.teacher_steps, config.seed, config.batch_size) == (2, 10, 7, 16)
     assert config.concurrency == (1, 4) and config.num_gpus_per_actor == 0.5 and config.use_gpu
     assert config.refine is False and config.fps == 30 and config.force and config.torch_dtype_name == "bfloat16"
-    assert config.io_cpus == 0.5
+    assert config.io_cpus == 0.5 and not config.shard_latents
     line = command_line("S", "s3://bucket/bundles", "O", config)
     again = config_from_args(parser.parse_args(line.split()[1:]))
     assert again == config
-    assert config_from_args(parser.parse_args(["render", "--shards", "S", "--bundles", "B", "--out", "O", "--rows", "all"])).rows == list(ROWS)
+    plain = config_from_args(parser.parse_args(["render", "--shards", "S", "--bundles", "B", "--out", "O", "--rows", "all"]))
+    assert plain.rows == list(ROWS) and plain.shard_latents and "--no-shard-latents" not in command_line("S", "B", "O", plain)
     assert RenderConfig().torch_dtype_name == "float32"
     assert set(get_args(render_config.SchedulerKind)) == set(get_args(SchedulerKind))  # spelled out, kept in step
 

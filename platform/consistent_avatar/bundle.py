@@ -507,7 +507,8 @@ def _materialise(
 # ------------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """A file's sha256, as ``bundle.json`` records it (also what shards record of their VAE)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -1012,7 +1013,7 @@ def _check_files(root: Path, manifest: BundleManifest, needed: Sequence[str], ve
                 f"bundle file {path} has {size} bytes, the manifest says {entry.bytes}: it is truncated or "
                 "was replaced; export or download the bundle again"
             )
-        if verify and _sha256(path) != entry.sha256:
+        if verify and file_sha256(path) != entry.sha256:
             raise ConsistentAvatarError(
                 f"bundle file {path} is corrupt (sha256 differs from the manifest): export or download the "
                 "bundle again"
@@ -1309,7 +1310,7 @@ def _write_contents(
         if p.is_file():
             p.chmod(0o644)
     files = {
-        p.relative_to(root).as_posix(): FileEntry(sha256=_sha256(p), bytes=p.stat().st_size)
+        p.relative_to(root).as_posix(): FileEntry(sha256=file_sha256(p), bytes=p.stat().st_size)
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != MANIFEST_FILE
     }

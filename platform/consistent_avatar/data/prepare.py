@@ -308,6 +308,13 @@ def _write_manifest(out: Path, config: PrepareConfig, emotion_info: dict[str, An
         m = read_json(d / ACTOR_MANIFEST_FILE)
         resolution = resolution or m["resolution"]
         actors[d.name] = {k: m[k] for k in ("frames", "train", "test", "resolution", "source_fingerprint", "config_fingerprint", "files")}
+        # What a render needs to decide, per actor, whether its latents are its bundle's VAE's (an
+        # actor prepared by an older version has no vae_identity: unknown, never reused).
+        actors[d.name].update(
+            latent_shape=m.get("latent_shape"),
+            vae_identity=m.get("vae_identity"),
+            tsd=(m.get("config") or {}).get("tsd"),
+        )
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "resolution": resolution,
@@ -421,6 +428,7 @@ def prepare(sources: list[str], out: str | Path, config: PrepareConfig | None = 
             for name, p in plans.items()
             for s in range(0, p.source.num_frames, config.frames_per_task)
         ]
+        vae_identity = _vae_identity(config)
         workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         workers = min(workers, len(items))
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -469,6 +477,7 @@ def prepare(sources: list[str], out: str | Path, config: PrepareConfig | None = 
                     "config": config.model_dump(),
                     "files": files,
                     "latent_shape": _latent_shape(config, resolution),
+                    "vae_identity": vae_identity,
                     "cpu_seconds": seconds[name],
                     **meta[name],
                 },
@@ -486,6 +495,22 @@ def prepare(sources: list[str], out: str | Path, config: PrepareConfig | None = 
     )
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _vae_identity(config: PrepareConfig) -> dict[str, str] | None:
+    """The identity of the VAE the latents come from (by content: see :mod:`..vae_identity`), so a
+    render can prove them its bundle's own; None without latents or when it cannot be known."""
+    if not config.vae_path:
+        return None
+    from ..vae_identity import vae_dir_identity
+
+    identity = vae_dir_identity(config.vae_path)
+    if identity is None:
+        log.warning(
+            "%s has no safetensors weights: the latents are stored without a VAE identity, so `cavatar "
+            "render` will encode instead of reusing them", config.vae_path,
+        )
+    return identity
 
 
 def _latent_shape(config: PrepareConfig, resolution: int) -> list[int] | None:

@@ -11,7 +11,8 @@ Layout of a shard directory ``S``::
 An actor directory appears under ``S/actors`` only once complete (assembled in a hidden staging
 directory, then renamed). Images are stored as PNG bytes (lossless, ~3x smaller than raw), TSD maps as
 8-bit PNG of the VAE-normalised map (see :mod:`consistent_avatar.tsd`), VAE latents (optional) as raw
-float16 bytes whose shape is in the manifest.
+float16 bytes whose shape is in the manifest, with the identity of the VAE that made them
+(``vae_identity``, by content: :mod:`consistent_avatar.vae_identity`; absent in older shards).
 
 Where shards are read from: ``S`` is a local (or shared-filesystem) path or any pyarrow filesystem
 URI (``file:///…``, ``s3://bucket/…``, ``gs://bucket/…``). :func:`open_shards` resolves it once into

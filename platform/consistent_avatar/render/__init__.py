@@ -13,10 +13,12 @@ Output layout (`cavatar evaluate` reads exactly this; also in ``docs/render.md``
          "settings": {row: {"sampler": s, "steps": n, "seed": seed, "seed_rule": "seed + frame",
                             "baseline": b, "without_normal": b, "without_emotion": b, "without_lcm": b,
                             "dtype": d, "refine": r, "refiner": path,
-                            "per_actor": {actor: {"sampler", "steps", "bundle"}}}},
+                            "per_actor": {actor: {"sampler", "steps", "bundle",
+                                                  "coarse_latent": "shards" (only when used)}}}},
          "command": str, "machine": {...}, "created_at": ISO 8601}
         ("frames": the frames of the split, which a complete row holds; "sampler"/"steps" are None
-        when the actors' bundles resolve them differently — "per_actor" then says which.)
+        when the actors' bundles resolve them differently — "per_actor" then says which;
+        "coarse_latent": stage 2 took the shards' latent_tsd_coarse instead of a VAE encode, see .latents.)
     OUT/<row>/<actor>/frames/<frame:06d>.png    the rendered frame, RGB uint8, at the shards' resolution
     OUT/<row>/<actor>/outputs.parquet           one row per rendered frame, sorted by frame:
         actor (string), frame (int32), row (string), split (string),

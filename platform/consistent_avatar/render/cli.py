@@ -58,6 +58,11 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="with --compile: torch.compile's cache folder, shared by every pool actor and later jobs "
                    "(a volume every node mounts; default: torch's, per node)")
+    r.add_argument("--no-shard-latents", action="store_true",
+                   help="always VAE-encode the coarse TSD in stage 2; by default an actor whose shards were "
+                   "prepared with its bundle's own VAE (`prepare --vae`, same weights by sha256, same TSD "
+                   "settings) takes their stored latent_tsd_coarse instead (faster; frames differ by fp16 "
+                   "rounding and are recorded as such)")
     ref = r.add_mutually_exclusive_group()
     ref.add_argument("--refiner", default=None, help="refiner directory overriding the bundles' reference")
     ref.add_argument("--no-refiner", action="store_true", help="render without the refiner the bundles reference")
@@ -92,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> RenderConfig:
         dtype=args.dtype,
         compile=args.compile,
         compile_cache=args.compile_cache,
+        shard_latents=not args.no_shard_latents,
         refine=False if args.no_refiner else None,
         refiner=args.refiner,
         cache_size=args.cache_size,
@@ -127,6 +133,7 @@ def command_line(shards: str, bundles: str, out: str, config: RenderConfig) -> s
     argv += ["--dtype", config.dtype, "--cache-size", str(config.cache_size), "--fps", f"{config.fps:g}"]
     for flag, on in (
         ("--compile", config.compile),
+        ("--no-shard-latents", not config.shard_latents),
         ("--no-refiner", config.refine is False),
         ("--no-video", not config.video),
         ("--no-verify", not config.verify_bundles),

@@ -77,6 +77,12 @@ class RenderConfig(BaseModel):
         description="folder (ideally on a volume every node mounts) for torch.compile's cache, shared by the pool "
         "actors of this and later jobs; None: torch's default, per node (see consistent_avatar.compile_cache)",
     )
+    shard_latents: bool = Field(
+        True,
+        description="stage 2 takes the coarse TSD's VAE latent from the shards (latent_tsd_coarse) instead "
+        "of encoding it, for actors whose shards were prepared with their bundle's own VAE (recorded identity, "
+        "same TSD settings and latent shape); frames differ by the latents' fp16 rounding and record it",
+    )
     refine: bool | None = Field(
         None, description="SDXL refiner pass: None = if the bundle references one, False = off, True = required"
     )

@@ -7,6 +7,8 @@ What :func:`render` does, in order:
    for that actor, at the shards' resolution, holding the weights the rows need, knowing the shards'
    emotion labels), and OUT (not rendered from another split, not holding frames of other settings
    unless ``force``). All problems are raised together as one :class:`ConsistentAvatarError`.
+   Also per actor: whether stage 2 may take the shards' coarse-TSD latents instead of encoding them
+   (:mod:`.latents`: only when provably its bundle's VAE's); logged, and recorded in the row settings.
 2. **Plan what is missing**: per (row, actor) the frames of the split whose PNG and parquet row do
    not exist yet, cut into *units* of at most ``batch_size`` frames — each unit is one actor, one
    row, one network call.
@@ -18,7 +20,9 @@ What :func:`render` does, in order:
          .map_batches(write_units,   CPU tasks, io_cpus each)   PNGs, then one parquet part (see .outputs)
 
    The load task reads the unit's rows from the shard files (a filter on ``frame``) and decodes its
-   PNGs into contiguous NCHW uint8 arrays. A pool actor loads bundles on first use (``load_bundle`` →
+   PNGs into contiguous NCHW uint8 arrays (and, for a row that uses them, the stored coarse-TSD
+   latents into one float16 array, which the pool actor passes as ``coarse_latent``). A pool actor
+   loads bundles on first use (``load_bundle`` →
    ``ConsistentAvatarPipeline.from_bundle``, an LRU of ``cache_size`` pipelines; ``compile`` wraps
    them, and a compiled pipeline evicted from the LRU adopts the next actor's weights in place rather
    than compiling again — ``ConsistentAvatarPipeline.adopt``; with ``compile_cache`` every pool actor
@@ -117,6 +121,10 @@ from ..io import (
     resolve_filesystem,
 )
 from .config import ROWS, RenderConfig, row_switches
+from .latents import COLUMN as LATENT_COLUMN
+from .latents import FROM_SHARDS, NO_LATENT, SETTING, BundleVAE, column_note, why_not
+from .latents import decode as decode_latents
+from .latents import summary as latents_summary
 from .outputs import (
     FRAMES_DIR,
     RENDER_SCHEMA_VERSION,
@@ -137,7 +145,7 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".render.lock"
 _INPUT_COLUMNS = ["frame", "coarse_rgb", "coarse_normal", "pose", "expression", "emotion"]
 #: what the load stage hands the pool actor per unit (besides row, actor, frames, error, seconds)
-_PAYLOAD = ("coarse_rgb", "coarse_normal", "pose", "expression", "emotion")
+_PAYLOAD = ("coarse_rgb", "coarse_normal", "pose", "expression", "emotion", "coarse_latent")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,12 +163,14 @@ class RowSettings:
     steps: int
     switches: dict[str, bool]
     settings: dict[str, Any]
+    shard_latent: bool = False  # stage 2 takes the shards' latent_tsd_coarse (see .latents)
 
 
 @dataclass(frozen=True)
 class ActorPlan:
     """One actor: where its bundle and shard rows are, and which frames the split selects.
-    ``file_of`` maps a frame to its parquet file as a path on ``shards.filesystem``."""
+    ``file_of`` maps a frame to its parquet file as a path on ``shards.filesystem``. ``latent_shape``:
+    the shards' coarse-TSD latents' shape when rows use them, else None and ``latent_note`` says why."""
 
     actor: str
     shards: Shards
@@ -172,6 +182,8 @@ class ActorPlan:
     splits: dict[int, str]
     file_of: dict[int, str]
     rows: dict[str, RowSettings]
+    latent_shape: tuple[int, ...] | None = None
+    latent_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -235,12 +247,16 @@ def _units(batch: Mapping[str, Any]) -> Iterator[tuple[int, str, str, list[int],
         )
 
 
-def _read_unit(plan: ActorPlan, frames: list[int]) -> dict[str, np.ndarray | str]:
+def _read_unit(
+    plan: ActorPlan, frames: list[int], latent_shape: tuple[int, ...] | None = None
+) -> dict[str, np.ndarray | str]:
     """A unit's pipeline inputs from the shard files: images as contiguous NCHW uint8, vectors as
-    float32, emotion labels as JSON, in the order of ``frames``."""
+    float32, emotion labels as JSON, in the order of ``frames``; with ``latent_shape`` also the coarse
+    TSD's VAE latents, (n, *latent_shape) float16 (the column is read only then)."""
     files = sorted({plan.file_of[f] for f in frames})
+    columns = _INPUT_COLUMNS + ([LATENT_COLUMN] if latent_shape else [])
     table = pq.read_table(
-        files, columns=_INPUT_COLUMNS, filters=[("frame", "in", frames)], filesystem=plan.shards.filesystem
+        files, columns=columns, filters=[("frame", "in", frames)], filesystem=plan.shards.filesystem
     )
     got = table["frame"].to_pylist()
     missing = sorted(set(frames) - set(got))
@@ -267,6 +283,7 @@ def _read_unit(plan: ActorPlan, frames: list[int]) -> dict[str, np.ndarray | str
         "pose": vectors("pose"),
         "expression": vectors("expression"),
         "emotion": json.dumps(table["emotion"].to_pylist()),
+        "coarse_latent": decode_latents(table[LATENT_COLUMN], latent_shape) if latent_shape else NO_LATENT,
     }
 
 
@@ -279,6 +296,7 @@ def _empty_inputs(resolution: int) -> dict[str, np.ndarray | str]:
         "pose": np.zeros((0, POSE_DIM), dtype=np.float32),
         "expression": np.zeros((0, EXPRESSION_DIM), dtype=np.float32),
         "emotion": "[]",
+        "coarse_latent": NO_LATENT,
     }
 
 
@@ -291,7 +309,7 @@ def load_units(batch: Mapping[str, Any], spec: JobSpec) -> dict[str, np.ndarray]
         inputs = None
         if not error:
             try:
-                inputs = _read_unit(plan, frames)
+                inputs = _read_unit(plan, frames, plan.latent_shape if plan.rows[row].shard_latent else None)
             except Exception as exc:  # isolate the unit: report, never fail the whole job
                 error = _unit_error(exc)
         for key, value in (inputs or _empty_inputs(plan.resolution)).items():
@@ -401,8 +419,10 @@ class FrameRenderer:
         pipe = self._pipeline(actor)
         n = len(frames)
         arrays = {k: np.asarray(inputs[k]) for k in ("coarse_rgb", "coarse_normal", "pose", "expression")}
+        if rs.shard_latent:  # the shards' latent_tsd_coarse: stage 2 skips its VAE encode
+            arrays["coarse_latent"] = np.asarray(inputs["coarse_latent"])
         emotion: list[str] | None = [str(e) for e in json.loads(str(inputs["emotion"]))]
-        if arrays["coarse_rgb"].shape[0] != n or len(emotion) != n:
+        if any(a.shape[0] != n for a in arrays.values()) or len(emotion) != n:
             raise ConsistentAvatarError(
                 f"the loaded unit holds {arrays['coarse_rgb'].shape[0]} frames, not {n}: re-run the render"
             )
@@ -420,8 +440,10 @@ class FrameRenderer:
         # Ray Data hands the arrays over read-only (object store memory): copy those, which the
         # pipeline would otherwise share with the store (torch has no read-only tensors).
         x = {k: torch.from_numpy(a if a.flags.writeable else a.copy()) for k, a in arrays.items()}
+        latent = x.pop("coarse_latent", None)
         result = pipe(
             **x,
+            coarse_latent=None if latent is None else latent.to(device=self.device, dtype=self.dtype),
             emotion=emotion,
             num_steps=rs.steps,
             sampler=rs.sampler,
@@ -557,6 +579,7 @@ class _BundleInfo:
     preset: str
     labels: tuple[str, ...]
     fingerprint: str
+    vae: BundleVAE
 
 
 def bundle_location(bundles: str | os.PathLike[str], actor: str) -> str:
@@ -566,10 +589,27 @@ def bundle_location(bundles: str | os.PathLike[str], actor: str) -> str:
 
 
 def _inspect_bundle(location: str) -> _BundleInfo:
-    """The small files of a bundle (manifest, preset, emotion labels), without loading weights; a
-    remote bundle's three files are fetched into a temporary folder."""
-    from ..bundle import EMOTIONS_FILE, MANIFEST_FILE, PRESET_FILE, read_manifest
+    """The small files of a bundle (manifest, preset, emotion labels, VAE config), without loading
+    weights; a remote bundle's four files are fetched into a temporary folder."""
+    from ..bundle import EMOTIONS_FILE, MANIFEST_FILE, PRESET_FILE, VAE_DIR, read_manifest
     from ..models.presets import parse_preset
+    from ..vae_identity import CONFIG_FILE, bundle_vae_identity, effective_vae_config
+
+    vae_config_file = f"{VAE_DIR}/{CONFIG_FILE}"
+
+    def vae_of(root: Path, manifest: Any, preset: Any) -> BundleVAE:
+        try:  # unreadable: no identity, so no shard latents; loading the bundle will say what is wrong
+            config: dict[str, Any] | None = json.loads((root / vae_config_file).read_text())
+        except (OSError, json.JSONDecodeError):
+            config = None
+        identity = bundle_vae_identity(manifest.files, config, VAE_DIR) if isinstance(config, dict) else None
+        shift = effective_vae_config(config).get("shift_factor") if isinstance(config, dict) else None
+        return BundleVAE(
+            identity=identity,
+            latent_shape=(preset.latent_channels, preset.latent_size, preset.latent_size),
+            tsd=manifest.tsd.model_dump(),
+            shift_factor=shift,
+        )
 
     def inspect(root: Path) -> _BundleInfo:
         manifest = read_manifest(root)
@@ -582,7 +622,8 @@ def _inspect_bundle(location: str) -> _BundleInfo:
         except (OSError, pa.ArrowException) as exc:
             raise ConsistentAvatarError(f"bundle {location}: {EMOTIONS_FILE} is unreadable ({exc}): export it again") from exc
         digest = hashlib.sha256((root / MANIFEST_FILE).read_bytes()).hexdigest()[:16]
-        return _BundleInfo(manifest, preset.resolution, preset.name, labels, digest)
+        vae = vae_of(root, manifest, preset)
+        return _BundleInfo(manifest, preset.resolution, preset.name, labels, digest, vae)
 
     if not is_uri(location):
         return inspect(Path(location))
@@ -592,9 +633,10 @@ def _inspect_bundle(location: str) -> _BundleInfo:
     with tempfile.TemporaryDirectory(prefix="cavatar-bundle-") as tmp:
         root = Path(tmp) / "bundle"
         root.mkdir()
-        for name in (MANIFEST_FILE, PRESET_FILE, EMOTIONS_FILE):
+        for name in (MANIFEST_FILE, PRESET_FILE, EMOTIONS_FILE, vae_config_file):
             info = fs.get_file_info(f"{path.rstrip('/')}/{name}")
             if info.type == pafs.FileType.File:
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
                 with fs.open_input_stream(info.path) as src:
                     (root / name).write_bytes(src.read())
         if not (root / MANIFEST_FILE).is_file():
@@ -727,6 +769,8 @@ def _check_inputs(
         variants: set[str] = set()
         shard_keys = ("source_fingerprint", "config_fingerprint", "frames", "train", "test", "resolution")
         shard_fp = fingerprint_of({k: entry.get(k) for k in shard_keys})
+        latent_note = _latent_note(config, shards, entry, manifest, info.vae, file_of)
+        use_latents = not latent_note
         try:
             for row in config.rows:
                 kind, steps, variant = resolve_sampling(row, config, info.manifest)
@@ -748,7 +792,14 @@ def _check_inputs(
                     "bundle": info.fingerprint,
                     "shards": shard_fp,
                 }
-                rows[row] = RowSettings(row, kind, steps, {k: v for k, v in switches.items() if v}, settings)
+                # Frames from the shards' latents differ from encoded ones by their fp16 rounding: recorded,
+                # so that a resume does not mix the two. Absent when encoding (earlier renders' settings).
+                from_shards = use_latents and not switches["baseline"]  # baseline has no stage 2
+                if from_shards:
+                    settings[SETTING] = FROM_SHARDS
+                rows[row] = RowSettings(
+                    row, kind, steps, {k: v for k, v in switches.items() if v}, settings, from_shards
+                )
         except ConsistentAvatarError as exc:
             problems.append(f"actor {actor!r} (bundle {location}): {exc}")
             continue
@@ -768,6 +819,8 @@ def _check_inputs(
             splits=splits,
             file_of=file_of,
             rows=rows,
+            latent_shape=info.vae.latent_shape if use_latents else None,
+            latent_note=latent_note,
         )
     if config.refiner is not None and not is_uri(config.refiner) and not Path(config.refiner).is_dir():
         problems.append(f"refiner {config.refiner} is not a directory")
@@ -776,6 +829,30 @@ def _check_inputs(
             "cannot render:\n  " + "\n  ".join(problems) + "\n(nothing was rendered; fix the above and re-run)"
         )
     return manifest, plans
+
+
+def _latent_note(
+    config: RenderConfig,
+    shards: Shards,
+    entry: Mapping[str, Any],
+    manifest: Mapping[str, Any],
+    vae: BundleVAE,
+    file_of: Mapping[int, str],
+) -> str:
+    """Why stage 2 must encode this actor's coarse TSD itself; "" when the shards' latents are provably
+    its bundle's own (see :mod:`.latents`)."""
+    from ..tsd import TSDConfig
+
+    raw = entry.get("tsd", manifest.get("tsd"))
+    try:
+        shards_tsd = TSDConfig(**raw).model_dump() if isinstance(raw, dict) else None
+    except (ConsistentAvatarError, TypeError):  # a manifest this version cannot read: not provable
+        shards_tsd = None
+    note = why_not(
+        enabled=config.shard_latents, rows=[row_switches(r) for r in config.rows], entry=entry,
+        shards_tsd=shards_tsd, bundle=vae,
+    )
+    return note or column_note(shards, next(iter(file_of.values())))
 
 
 def _check_out(out: Path, shards: str, config: RenderConfig) -> dict[str, Any] | None:
@@ -798,7 +875,8 @@ def _check_out(out: Path, shards: str, config: RenderConfig) -> dict[str, Any] |
 @dataclass
 class RenderReport:
     """What one run did. ``rendered`` / ``kept``: frames per row per actor rendered by this run /
-    already there; ``failed``: actor → what went wrong (its other frames are kept)."""
+    already there; ``failed``: actor → what went wrong (its other frames are kept); ``shard_latents``:
+    actor → "" when stage 2 takes the shards' coarse-TSD latents, else why it encodes them."""
 
     out: Path
     split: str
@@ -809,6 +887,7 @@ class RenderReport:
     missing: dict[str, dict[str, int]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     videos: list[Path] = field(default_factory=list)
+    shard_latents: dict[str, str] = field(default_factory=dict)
     frames: int = 0
     render_seconds: float = 0.0
     seconds: float = 0.0
@@ -831,6 +910,7 @@ class RenderReport:
         text = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in lines]
         for actor, msg in self.failed.items():
             text.append(f"FAILED {actor}: {msg.splitlines()[0][:200]}")
+        text += latents_summary(self.shard_latents)
         fps = self.frames / self.render_seconds if self.render_seconds > 0 else 0.0
         text.append(
             f"{self.frames} frames rendered in {self.seconds:.1f} s ({fps:.2f} frames/s in the render stage) → {self.out}"
@@ -1253,6 +1333,9 @@ def render(
 
     _, plans = _check_inputs(store, os.fspath(bundles), config)
     report = RenderReport(out=out_path, split=config.split, rows=list(config.rows), actors=list(plans))
+    report.shard_latents = {a: p.latent_note for a, p in plans.items()}
+    for line in latents_summary(report.shard_latents):
+        log.info("%s", line)
 
     with _locked(out_path):
         # Read under the lock: a render that held it until a moment ago may just have rewritten the
@@ -1325,7 +1408,10 @@ def _merged_manifest(
         old = settings.get(row)
         per_actor = dict(old["per_actor"]) if isinstance(old, dict) and isinstance(old.get("per_actor"), dict) else {}
         for a, p in plans.items():
-            per_actor[a] = {"sampler": p.rows[row].sampler, "steps": p.rows[row].steps, "bundle": p.bundle_fingerprint}
+            rs = p.rows[row]
+            per_actor[a] = {"sampler": rs.sampler, "steps": rs.steps, "bundle": p.bundle_fingerprint}
+            if rs.shard_latent:
+                per_actor[a][SETTING] = FROM_SHARDS
         settings[row] = _row_summary(config, per_actor, row)
     rows = [r for r in ROWS if r in set(prev.get("rows") or []) | set(config.rows)]
     return {

@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-mode", default=None,
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
                    help="inductor mode of --compile (performance.compile_mode; default: the trainer's, "
-                   "reduce-overhead for tsdm/fcsd, default for the others)")
+                   "reduce-overhead for fcsd, default for the others)")
     p.add_argument("--latents", action=argparse.BooleanOptionalAction, default=True,
                    help="feed precomputed VAE latents (as shards with latents do)")
     p.add_argument("--phases", action="store_true", help="also time forward / backward / optimiser step apart")

@@ -124,7 +124,7 @@ class PerformanceSection(_Strict):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] | None = Field(
         None,
         description="inductor mode of that compile; None: reduce-overhead (CUDA graphs: the step is host-bound "
-        "without them) for the stages measured under CUDA graphs on a GPU (tsdm, fcsd), default for the others",
+        "without them) for the stage measured under CUDA graphs on a GPU (fcsd), default for the others",
     )
     compile_cache: str | None = Field(
         None,

@@ -213,25 +213,35 @@ def test_lean_backward_gives_deepspeeds_gradients_and_weights(process_group: Non
 
 def test_lean_backward_zero_fills_a_parameter_without_gradient(process_group: None, tmp_path: Path) -> None:
     """A trainable parameter the step did not reach has zeros in the flat partition (as in DeepSpeed's),
-    and the gradients of the others are untouched."""
+    also when it had a gradient in the persistent buffer from the step before, and the gradients of the
+    others are untouched."""
     batch = _batch()
     reference_runner, reference = _engine(tmp_path, "bf16", lean=True)
     reference.backward(reference_runner.loss(reference, batch, torch.Generator().manual_seed(2)))
-    expected = _flat_grads(reference)
     runner, engine = _engine(tmp_path, "bf16", lean=True)
     params = engine.optimizer.params_in_partition[0]
     skipped = len(params) // 3
     offset = sum(p.numel() for p in params[:skipped])
+    n = params[skipped].numel()
+    # a first step in which every parameter has a gradient: the persistent flat buffer then holds a
+    # non-zero gradient where the skipped parameter's goes, which the next backward must clear
+    engine.backward(runner.loss(engine, batch, torch.Generator().manual_seed(2)))
+    flat = engine.optimizer.averaged_gradients[0].flat_partition
+    assert flat[offset : offset + n].abs().sum() > 0
+    engine.step()
+    # the reference stepped once too, so that both compute the second backward from the same weights
+    reference.step()
+    reference.backward(reference_runner.loss(reference, batch, torch.Generator().manual_seed(2)))
+    expected = _flat_grads(reference)
     # drop this parameter's gradient as soon as it is accumulated: the epilogue then sees none
     params[skipped].register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
-    engine.optimizer.averaged_gradients[0] = None
     engine.backward(runner.loss(engine, batch, torch.Generator().manual_seed(2)))
     got = _flat_grads(engine)
-    n = params[skipped].numel()
+    assert engine.optimizer.averaged_gradients[0].flat_partition.data_ptr() == flat.data_ptr()  # the same buffer
     assert expected[offset : offset + n].abs().sum() > 0 and not got[offset : offset + n].any()
     assert torch.equal(got[:offset], expected[:offset]) and torch.equal(got[offset + n :], expected[offset + n :])
     engine.step()
-    assert int(engine.global_steps) == 1
+    assert int(engine.global_steps) == 2
 
 
 @pytest.mark.parametrize("update", [{"zero_stage": 1}, {"batch_size": 4}])

@@ -200,6 +200,7 @@ def test_lean_backward_gives_deepspeeds_gradients_and_weights(process_group: Non
         if lean_backward:
             flat = opt.averaged_gradients[0].flat_partition
             assert flat.numel() == opt.partition_size[0] and torch.equal(flat[: first.numel()], first)
+            assert not flat[first.numel() :].any()  # DeepSpeed's alignment padding, if any, stays zero
             assert all(p.grad is None for p in opt.params_in_partition[0])  # gradients live in the buffer only
         engine.step()
         for _ in range(7):

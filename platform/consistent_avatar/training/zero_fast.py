@@ -151,7 +151,9 @@ def lean_zero_backward(engine: Any) -> bool:
     in DeepSpeed's flat partition. Installed only for: DeepSpeed's ZeRO-2 optimiser, one data-parallel
     rank, no offload, contiguous gradients without overlap, one micro-batch per step (gradient
     accumulation goes through DeepSpeed's accumulators), bit16 gradients (no fp32 accumulation
-    buffer), whole unpadded parameters in each partition. Returns whether it was installed.
+    buffer), whole unpadded parameters in each partition, Adam-style optimisers (not Muon). The
+    gradients are moved by ``engine.backward`` (which runs the epilogue), as the trainer does; a bare
+    ``loss.backward()`` would leave them on the parameters. Returns whether it was installed.
     """
     from deepspeed import comm as dist
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -171,8 +173,15 @@ def lean_zero_backward(engine: Any) -> bool:
         opt.partition_gradients and not opt.cpu_offload and opt.contiguous_gradients and not opt.overlap_comm
         and not opt.use_grad_accum_attribute and engine.gradient_accumulation_steps() == 1
         and dist.get_world_size(group=opt.dp_process_group) == 1
+        # step() rebuilding gradients itself, expert-parallel folding, a pre-division of gradients:
+        # DeepSpeed's per-parameter path does work there that the copy below does not
+        and getattr(engine, "managed_gradient_accumulation", lambda: True)()
+        and getattr(opt, "autoep_folding_tp_group", None) is None
+        and float(getattr(opt, "gradient_predivide_factor", 1.0)) == 1.0
         and all(
-            not opt._use_compact_grad_partition_buffer(i) and not opt.params_not_in_partition[i]
+            opt.params_in_partition[i] and not opt._use_compact_grad_partition_buffer(i)
+            and not opt.params_not_in_partition[i]
+            and not (hasattr(opt, "_is_muon_group") and opt._is_muon_group(opt.params_in_partition[i]))
             and int(opt.first_offset[i]) == 0 and not any(opt.round_robin_bit16_padding[i])
             and sum(p.numel() for p in opt.params_in_partition[i]) <= int(opt.partition_size[i])
             for i in groups

@@ -110,17 +110,33 @@ def progress(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def bundle_vae(work: Path, args: argparse.Namespace, preset: Any) -> Path:
+    """The random VAE every bundle of this run carries (same preset and seed), saved as a diffusers
+    folder: ``--shard-latents`` prepares the shards with it, as a user prepares with the VAE their
+    bundles are trained with, so that render may take the coarse TSD's latent from the shards."""
+    from consistent_avatar.models import load_shared_components
+
+    folder = work / f"vae_{preset.name}_seed{args.seed}"
+    if not (folder / "config.json").is_file():
+        progress(f"saving the bundles' random VAE (seed {args.seed}) to {folder}")
+        load_shared_components(preset, seed=args.seed).vae.save_pretrained(folder)
+    return folder
+
+
 def build_shards(
-    work: Path, args: argparse.Namespace, resolution: int
+    work: Path, args: argparse.Namespace, preset: Any
 ) -> tuple[Path, list[str], dict[str, Any]]:
-    """Synthetic actors at ``resolution`` prepared into shards (reused when up to date)."""
+    """Synthetic actors at the preset's resolution prepared into shards (reused when up to date);
+    with ``--shard-latents`` prepared with the bundles' VAE (latent columns stored)."""
     from consistent_avatar.data.prepare import PrepareConfig, prepare
     from consistent_avatar.emotion import build_emotion_db
     from consistent_avatar.synthetic import SynthConfig, actor_name, synthesize_actors
 
     info: dict[str, Any] = {}
+    resolution = preset.resolution
     src = work / f"actors_{resolution}"
-    shards = work / f"shards_{resolution}"
+    shards = work / (f"shards_{resolution}_latents_{preset.name}" if args.shard_latents else f"shards_{resolution}")
+    vae = str(bundle_vae(work, args, preset)) if args.shard_latents else None
     names = [actor_name(i) for i in range(args.actors)]
 
     progress(f"synthesizing {args.actors} actor(s) × {args.frames} frames at {resolution}² in {src}")
@@ -138,7 +154,13 @@ def build_shards(
 
     progress(f"preparing shards in {shards} (Ray Data)")
     t0 = time.perf_counter()
-    report = prepare([str(src / n) for n in names], shards, PrepareConfig(emotion_db=str(db)))
+    gpus = 0.0
+    if vae:
+        import torch
+
+        gpus = args.prepare_gpus if args.prepare_gpus is not None else (0.5 if torch.cuda.is_available() else 0.0)
+    cfg = PrepareConfig(emotion_db=str(db), vae_path=vae, num_gpus_per_worker=gpus)
+    report = prepare([str(src / n) for n in names], shards, cfg)
     if not report.ok:
         raise SystemExit(f"prepare failed: {report.failed}")
     info["prepare_seconds"] = round(time.perf_counter() - t0, 2)
@@ -344,6 +366,14 @@ def main(argv: list[str] | None = None) -> int:
         "--no-video", action="store_true", help="write no mp4 (default: mp4s are part of the job)"
     )
     ap.add_argument("--no-verify", action="store_true", help="skip the bundles' sha256 check on load")
+    ap.add_argument(
+        "--shard-latents", action="store_true",
+        help="prepare the shards with the bundles' VAE (latents stored), so that render's stage 2 takes the coarse "
+        "TSD's latent from them instead of encoding it (RenderConfig.shard_latents; docs/render.md)",
+    )
+    ap.add_argument("--prepare-gpus", type=float, default=None,
+                    help="with --shard-latents: GPUs per prepare worker for the VAE encode (default 0.5 with a "
+                    "GPU, 0 without)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=None, help="work folder to keep and reuse (default: a temporary one)")
     ap.add_argument(
@@ -400,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.data.DataContext.get_current().enable_progress_bars = False  # render's own bar stays
         ray_seconds = round(time.perf_counter() - t0, 2)
 
-        shards, names, inputs = build_shards(work, args, preset.resolution)
+        shards, names, inputs = build_shards(work, args, preset)
         bundles, binfo = build_bundles(work, shards, names, args, preset)
         inputs |= binfo | {
             "ray_start_seconds": ray_seconds,
@@ -484,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
             "ideal_pool_frames_per_s": pool_size * pipe_ref["frames_per_s"] if pipe_ref else None,
             "failed": report.failed,
             "videos": len(report.videos),
+            # per actor: whether stage 2 took the shards' coarse latent, or why not (render's own decision)
+            "shard_latents": dict(report.shard_latents),
         }
         results["partial_batches"] = sum(1 for b in batches if b["frames"] < args.batch_size)
         if batches:

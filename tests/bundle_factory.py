@@ -73,12 +73,14 @@ def make_tiny_bundle(
     preset: str = "tiny",
     variants: tuple[str, ...] = ("teacher", "lcm"),
     sampling: Mapping[str, Any] | None = None,
+    vae: Any = None,
 ) -> Path:
     """Write a random bundle for ``actor`` to ``root / actor`` and return that path.
 
     ``emotions``: the bundle's emotion table (default: :func:`tiny_emotions` of ``seed``).
     ``variants``: which of teacher / LCM student to store for both stages. ``sampling``: the bundle's
-    sampling defaults (``SamplingDefaults`` fields), e.g. ``{"num_steps": 2}``.
+    sampling defaults (``SamplingDefaults`` fields), e.g. ``{"num_steps": 2}``. ``vae``: the bundle's
+    VAE (a diffusers folder or model, as ``save_bundle`` takes it); by default the models' random one.
     """
     p = load_preset(preset)
     models = tiny_models(p, seed)
@@ -99,5 +101,6 @@ def make_tiny_bundle(
         sampling=dict(sampling) if sampling is not None else None,
         training={"note": "tests/bundle_factory.py: random weights"},
         seed=seed,
+        vae=vae,
     )
     return out

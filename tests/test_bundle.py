@@ -118,6 +118,10 @@ def test_layout_manifest_and_versions(bundle_dir: Path, preset, emotions) -> Non
     ):
         assert (bundle_dir / rel).is_file() and rel in m.files, rel
     assert MANIFEST_FILE not in m.files
+    # the VAE's identity by content, from the model saved: what a fresh load of vae/ gives
+    from consistent_avatar.vae_identity import vae_dir_identity
+
+    assert m.vae_identity is not None and m.vae_identity == vae_dir_identity(bundle_dir / "vae")
     assert not [p for p in bundle_dir.parent.iterdir() if p.name.startswith(".")]  # no staging left over
     assert set(m.stages["tsdm"].variants) == {"teacher", "lcm"}
     assert m.stages["fcsd"].lcm is not None and m.stages["fcsd"].lcm.num_ddim_timesteps == 50

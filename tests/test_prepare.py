@@ -241,8 +241,12 @@ def test_vae_latents_and_local_clip(small_actors: Path, tmp_path: Path) -> None:
         ref = vae.encode(real).latent_dist.mean * vae.config.scaling_factor
     np.testing.assert_allclose(lat.astype(np.float32), ref.numpy(), atol=2e-3, rtol=1e-2)
     assert pq.read_schema(actor_files(tmp_path / "S", "actor_000")[0]).get_field_index("latent_tsd_coarse") >= 0
-    # the VAE's identity by content (sha256 of its safetensors, as bundle.json records a bundle's VAE)
-    from consistent_avatar.vae_identity import vae_dir_identity
+    # the VAE's identity by content (its tensors as loaded, as bundle.json records a bundle's VAE),
+    # computed by the chunk writers from the model that made the latents
+    from consistent_avatar.vae_identity import FORMAT, model_identity, vae_dir_identity
 
     identity = manifest["actors"]["actor_000"]["vae_identity"]
-    assert identity == vae_dir_identity(vae_dir) and len(identity["weights_sha256"]) == 64
+    assert identity == model_identity(vae) == vae_dir_identity(vae_dir)
+    assert identity["format"] == FORMAT and len(identity["tensors_sha256"]) == 64
+    meta = json.loads((tmp_path / "S" / "actors" / "actor_000" / "_actor.json").read_text())
+    assert meta["vae_identity"] == identity

@@ -8,8 +8,9 @@ versioned. Layout (schema 1)::
       bundle.json                 the manifest, written LAST: schema_version, actor, created_at,
                                   versions (package, torch, diffusers, safetensors, python), the
                                   variants of each stage, LCM distillation settings, sampling
-                                  defaults, TSD settings, the refiner reference, and the sha256 +
-                                  size of every other file
+                                  defaults, TSD settings, the refiner reference, the sha256 +
+                                  size of every other file, and the VAE's identity by content
+                                  (``vae_identity``: see consistent_avatar.vae_identity)
       preset.json                 the ModelPreset the networks were built from
       emotions.parquet            emotion table: label, id, CLIP text embedding (the shard schema)
       vae/                        the frozen VAE, diffusers layout (stored once: both stages share it)
@@ -90,6 +91,7 @@ from .models.lcm import LCMDistillConfig
 from .models.presets import CONTROL_CHANNELS, ModelPreset, parse_preset
 from .models.sampling import SchedulerKind, Spacing
 from .models.tsdm import TSDM
+from .vae_identity import model_identity
 from .tsd import TSDConfig
 
 log = logging.getLogger(__name__)
@@ -192,6 +194,9 @@ class BundleManifest(_Strict):
     emotions: int
     sources: dict[str, str] = {}
     files: dict[str, FileEntry]
+    #: the VAE's identity by content (:mod:`consistent_avatar.vae_identity`), computed from the model
+    #: that ``vae/`` was saved from; None in bundles written before it was recorded
+    vae_identity: dict[str, str] | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -508,7 +513,7 @@ def _materialise(
 
 
 def file_sha256(path: Path) -> str:
-    """A file's sha256, as ``bundle.json`` records it (also what shards record of their VAE)."""
+    """A file's sha256, as ``bundle.json`` records it."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -1219,6 +1224,7 @@ def _write_contents(
     atomic_write_json(root / PRESET_FILE, preset.model_dump(mode="json"))
     emotions.write(root / EMOTIONS_FILE)
     vae.save_pretrained(root / VAE_DIR, safe_serialization=True)
+    vae_identity = model_identity(vae)  # by content: what `cavatar prepare --vae` records of its VAE
     if training is not None:
         atomic_write_bytes(
             root / TRAINING_FILE,
@@ -1326,6 +1332,7 @@ def _write_contents(
         emotions=len(emotions.labels),
         sources=sources,
         files=files,
+        vae_identity=vae_identity,
     )
     atomic_write_json(root / MANIFEST_FILE, manifest.model_dump(mode="json"))  # last
 

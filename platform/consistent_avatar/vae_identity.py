@@ -1,65 +1,131 @@
-"""Which VAE made a set of latents, by content rather than by path.
+"""Which VAE made a set of latents, by the model's content rather than by a path or a file.
 
-``cavatar prepare --vae DIR`` records it with the shards' latents; ``cavatar render`` compares it with
-a bundle's VAE before taking the shards' coarse-TSD latent instead of encoding it. A path says nothing
-about the weights behind it (a folder re-used for another VAE, a bundle trained elsewhere), so the
-identity is the sha256 of the safetensors weights — computed as ``bundle.json`` records the bundle's
-``vae/`` files, so a bundle's identity needs no weights read — plus a fingerprint of the effective
-config (diffusers' bookkeeping keys dropped, the defaults filled in: a VAE saved again by
-``save_pretrained`` gains ``_name_or_path`` but is the same model).
+``cavatar prepare --vae DIR`` records it with the shards' latents; a bundle records its own VAE's in
+``bundle.json`` when it is written; ``cavatar render`` compares the two before taking the shards'
+coarse-TSD latent instead of encoding it.
+
+A path says nothing about the weights behind it, and neither do a file's bytes: the usual workflow
+prepares with the pretrained SD VAE folder and exports bundles that re-save that VAE with
+``save_pretrained``, which changes the file whenever the round trip changes the dtype, the key names
+(diffusers renames the old attention keys on load), the tensor order or the safetensors metadata. So
+the identity is of the model *as diffusers loads it*:
+
+* ``tensors_sha256``: sha256 over the state dict's keys in sorted order, each with its dtype, shape and
+  raw (little-endian) bytes. **Dtype rule:** floating-point tensors are hashed as float32 (upcast:
+  exact from float16 / bfloat16), whatever dtype the model is in, so a float16 file loaded as float32
+  and re-saved as float32 (or a float32 model saved from float16 values) is the same VAE. A model cast
+  *down* (float32 → float16) has other values, so another identity: its latents differ too.
+  Other dtypes are hashed as they are.
+* ``config``: a fingerprint of the config keys that change the latent (:data:`LATENT_CONFIG`), each
+  from the config, else this diffusers' constructor default, else the value it had before diffusers
+  knew the key — so diffusers' bookkeeping (``_name_or_path``, ``_diffusers_version``), keys that do
+  not touch the latent (``sample_size``, ``force_upcast``, ``latents_mean``/``latents_std``) and
+  defaults another diffusers version adds do not tell two copies of one VAE apart.
+* ``format``: :data:`FORMAT`. An identity without it (``{"weights_sha256", "config"}``: the file hash
+  that shards prepared before this format recorded) never matches: re-prepare.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .io import fingerprint_of
 
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # what save_pretrained writes (the bundle's vae/)
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn as nn
+
+FORMAT = "diffusers-state-fp32/1"
 CONFIG_FILE = "config.json"
 
-#: ``{"weights_sha256": hex, "config": fingerprint}``
+#: ``{"format": FORMAT, "tensors_sha256": hex, "config": fingerprint}``
 VAEIdentity = dict[str, str]
 
+#: The ``AutoencoderKL`` config keys that, with the weights, decide the latent of an image (and the
+#: image of a latent), each with its value before diffusers had the key (what a config without it
+#: built then). Left out: ``sample_size`` (tiling only), ``force_upcast`` (a pipeline's dtype policy),
+#: ``latents_mean`` / ``latents_std`` (SDXL pipelines' normalisation, not applied here).
+LATENT_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D"],
+    "block_out_channels": [64],
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "scaling_factor": 0.18215,
+    "shift_factor": None,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "mid_block_add_attention": True,
+}
 
-def effective_vae_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``AutoencoderKL``'s constructor defaults overlaid with ``config`` minus its ``_`` keys, as JSON
-    values (tuples → lists): two configs that build the same model compare equal."""
+
+def latent_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`LATENT_CONFIG` keys of ``config`` as JSON values (tuples → lists); a key it lacks
+    takes this diffusers' ``AutoencoderKL`` default, or the historical one when this diffusers has none."""
     from diffusers import AutoencoderKL
 
-    params = inspect.signature(AutoencoderKL.__init__).parameters.values()
-    empty = inspect.Parameter.empty
-    merged = {p.name: p.default for p in params if p.name != "self" and p.default is not empty}
-    merged.update({k: v for k, v in config.items() if not k.startswith("_")})
-    return json.loads(json.dumps(merged))
+    params = inspect.signature(AutoencoderKL.__init__).parameters
+    out: dict[str, Any] = {}
+    for key, before in LATENT_CONFIG.items():
+        if key in config:
+            out[key] = config[key]
+        elif key in params and params[key].default is not inspect.Parameter.empty:
+            out[key] = params[key].default
+        else:
+            out[key] = before
+    return json.loads(json.dumps(out))
 
 
-def identity_of(weights_sha256: str, config: Mapping[str, Any]) -> VAEIdentity:
-    return {"weights_sha256": weights_sha256, "config": fingerprint_of(effective_vae_config(config))}
+def config_fingerprint(config: Mapping[str, Any]) -> str:
+    return fingerprint_of(latent_config(config))
 
 
-def vae_dir_identity(path: str | Path) -> VAEIdentity | None:
-    """The identity of a diffusers ``AutoencoderKL`` folder; None when it has no safetensors weights
-    (a ``.bin`` only folder: the bundle would store other bytes, so nothing could match)."""
-    from .bundle import file_sha256
+def tensors_sha256(model: nn.Module) -> str:
+    """sha256 of ``model.state_dict()`` by content (the dtype rule: see the module docstring)."""
+    import torch
 
-    root = Path(path)
-    weights, config = root / WEIGHTS_FILE, root / CONFIG_FILE
-    if not weights.is_file() or not config.is_file():
-        return None
-    return identity_of(file_sha256(weights), json.loads(config.read_text()))
+    h = hashlib.sha256()
+    state = model.state_dict()
+    for key in sorted(state):
+        t = state[key].detach()
+        if t.is_floating_point():
+            t = t.float()
+        t = t.cpu().contiguous()
+        h.update(f"{key}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
-def bundle_vae_identity(
-    files: Mapping[str, Any], config: Mapping[str, Any] | None, vae_dir: str = "vae"
-) -> VAEIdentity | None:
-    """A bundle's VAE identity from its manifest's file entries (``{relpath: FileEntry}``) and its
-    ``vae/config.json``; None when either is missing."""
-    entry = files.get(f"{vae_dir}/{WEIGHTS_FILE}")
-    if entry is None or config is None:
-        return None
-    return identity_of(str(entry.sha256), config)
+def model_identity(vae: Any) -> VAEIdentity:
+    """The identity of a loaded ``AutoencoderKL`` (any device, any dtype)."""
+    return {"format": FORMAT, "tensors_sha256": tensors_sha256(vae), "config": config_fingerprint(vae.config)}
+
+
+def vae_dir_identity(path: str | Path) -> VAEIdentity:
+    """The identity of a diffusers ``AutoencoderKL`` folder, as loaded in float32 (loads its weights)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(Path(path), local_files_only=True, torch_dtype=torch.float32)
+    return model_identity(vae)
+
+
+def identity_problem(identity: Any) -> str:
+    """"" when ``identity`` is a recorded identity of this :data:`FORMAT`, else what it is instead:
+    ``"missing"``, ``"file-hash"`` (the earlier ``weights_sha256`` format) or ``"unknown"``."""
+    if not identity:
+        return "missing"
+    if not isinstance(identity, Mapping):
+        return "unknown"
+    if identity.get("format") == FORMAT and identity.get("tensors_sha256") and identity.get("config"):
+        return ""
+    return "file-hash" if "weights_sha256" in identity else "unknown"

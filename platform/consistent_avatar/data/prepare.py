@@ -28,6 +28,7 @@ from the worker keeps data off the driver and keeps both guarantees simple.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -161,13 +162,21 @@ class ChunkWriter:
         self.tsd = tsd
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.vae = None
+        self.vae_identity = ""  # JSON of the VAE's identity by content, as each summary row reports it
         if vae_path:
             from diffusers import AutoencoderKL
 
-            self.vae = AutoencoderKL.from_pretrained(vae_path, local_files_only=True).to(self.device).eval()
+            from ..vae_identity import model_identity
+
+            vae = AutoencoderKL.from_pretrained(vae_path, local_files_only=True, torch_dtype=torch.float32)
+            # of the model that makes the latents (no second load), before it moves to the device
+            self.vae_identity = json.dumps(model_identity(vae), sort_keys=True)
+            self.vae = vae.to(self.device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list[Any]] = {"actor": [], "start": [], "frames": [], "seconds": [], "error": []}
+        out: dict[str, list[Any]] = {
+            "actor": [], "start": [], "frames": [], "seconds": [], "error": [], "vae_identity": []
+        }
         for actor, start, stop in zip(batch["actor"], batch["start"], batch["stop"]):
             t0 = time.perf_counter()
             error = ""
@@ -182,6 +191,7 @@ class ChunkWriter:
             out["frames"].append(int(stop) - int(start))
             out["seconds"].append(time.perf_counter() - t0)
             out["error"].append(error)
+            out["vae_identity"].append(self.vae_identity)
         return {k: np.asarray(v) for k, v in out.items()}
 
     def _write_chunk(self, plan: ActorPlan, start: int, stop: int) -> None:
@@ -428,7 +438,6 @@ def prepare(sources: list[str], out: str | Path, config: PrepareConfig | None = 
             for name, p in plans.items()
             for s in range(0, p.source.num_frames, config.frames_per_task)
         ]
-        vae_identity = _vae_identity(config)
         workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         workers = min(workers, len(items))
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -447,10 +456,12 @@ def prepare(sources: list[str], out: str | Path, config: PrepareConfig | None = 
         summaries = ds.take_all()
         errors: dict[str, list[str]] = defaultdict(list)
         seconds: dict[str, float] = defaultdict(float)
+        vae_ids: dict[str, set[str]] = defaultdict(set)
         for row in summaries:
             if row["error"]:
                 errors[row["actor"]].append(f"frames {row['start']}…: {row['error']}")
             seconds[row["actor"]] += float(row["seconds"])
+            vae_ids[row["actor"]].add(str(row.get("vae_identity") or ""))
 
         # 5: publish or discard, per actor
         for name, plan in plans.items():
@@ -477,7 +488,7 @@ def prepare(sources: list[str], out: str | Path, config: PrepareConfig | None = 
                     "config": config.model_dump(),
                     "files": files,
                     "latent_shape": _latent_shape(config, resolution),
-                    "vae_identity": vae_identity,
+                    "vae_identity": _vae_identity(name, vae_ids[name]) if config.vae_path else None,
                     "cpu_seconds": seconds[name],
                     **meta[name],
                 },
@@ -497,20 +508,18 @@ def prepare(sources: list[str], out: str | Path, config: PrepareConfig | None = 
     return report
 
 
-def _vae_identity(config: PrepareConfig) -> dict[str, str] | None:
-    """The identity of the VAE the latents come from (by content: see :mod:`..vae_identity`), so a
-    render can prove them its bundle's own; None without latents or when it cannot be known."""
-    if not config.vae_path:
-        return None
-    from ..vae_identity import vae_dir_identity
-
-    identity = vae_dir_identity(config.vae_path)
-    if identity is None:
+def _vae_identity(actor: str, reported: set[str]) -> dict[str, str] | None:
+    """The identity of the VAE an actor's latents come from (by content: see :mod:`..vae_identity`),
+    as the chunk writers computed it from the model they encoded with, so a render can prove them its
+    bundle's own; None when the writers disagree (the folder changed during the run)."""
+    if len(reported) != 1 or not next(iter(reported)):
         log.warning(
-            "%s has no safetensors weights: the latents are stored without a VAE identity, so `cavatar "
-            "render` will encode instead of reusing them", config.vae_path,
+            "actor %s: its chunks were encoded by VAEs of different content (%d identities: the --vae "
+            "folder changed during the run?); its latents are stored without a VAE identity, so `cavatar "
+            "render` will encode instead of reusing them", actor, len(reported),
         )
-    return identity
+        return None
+    return json.loads(next(iter(reported)))
 
 
 def _latent_shape(config: PrepareConfig, resolution: int) -> list[int] | None:

@@ -60,9 +60,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
                    "(a volume every node mounts; default: torch's, per node)")
     r.add_argument("--no-shard-latents", action="store_true",
                    help="always VAE-encode the coarse TSD in stage 2; by default an actor whose shards were "
-                   "prepared with its bundle's own VAE (`prepare --vae`, same weights by sha256, same TSD "
-                   "settings) takes their stored latent_tsd_coarse instead (faster; frames differ by fp16 "
-                   "rounding and are recorded as such)")
+                   "prepared with its bundle's VAE (`prepare --vae`, the same tensors and latent config by "
+                   "content, same TSD settings) takes their stored latent_tsd_coarse instead (faster; frames "
+                   "differ by fp16 rounding and are recorded as such)")
     ref = r.add_mutually_exclusive_group()
     ref.add_argument("--refiner", default=None, help="refiner directory overriding the bundles' reference")
     ref.add_argument("--no-refiner", action="store_true", help="render without the refiner the bundles reference")

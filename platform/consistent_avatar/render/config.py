@@ -80,7 +80,7 @@ class RenderConfig(BaseModel):
     shard_latents: bool = Field(
         True,
         description="stage 2 takes the coarse TSD's VAE latent from the shards (latent_tsd_coarse) instead "
-        "of encoding it, for actors whose shards were prepared with their bundle's own VAE (recorded identity, "
+        "of encoding it, for actors whose shards were prepared with their bundle's VAE (identity by content, "
         "same TSD settings and latent shape); frames differ by the latents' fp16 rounding and record it",
     )
     refine: bool | None = Field(

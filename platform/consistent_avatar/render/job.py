@@ -98,7 +98,7 @@ import tempfile
 import time
 import traceback
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,7 +122,7 @@ from ..io import (
 )
 from .config import ROWS, RenderConfig, row_switches
 from .latents import COLUMN as LATENT_COLUMN
-from .latents import FROM_SHARDS, NO_LATENT, SETTING, BundleVAE, column_note, why_not
+from .latents import FROM_SHARDS, NO_LATENT, SETTING, BundleVAE, column_note, frame_span, lacking_column, why_not
 from .latents import decode as decode_latents
 from .latents import summary as latents_summary
 from .outputs import (
@@ -255,9 +255,20 @@ def _read_unit(
     TSD's VAE latents, (n, *latent_shape) float16 (the column is read only then)."""
     files = sorted({plan.file_of[f] for f in frames})
     columns = _INPUT_COLUMNS + ([LATENT_COLUMN] if latent_shape else [])
-    table = pq.read_table(
-        files, columns=columns, filters=[("frame", "in", frames)], filesystem=plan.shards.filesystem
-    )
+    try:
+        table = pq.read_table(
+            files, columns=columns, filters=[("frame", "in", frames)], filesystem=plan.shards.filesystem
+        )
+    except pa.ArrowException:
+        lacking = lacking_column(plan.shards, files) if latent_shape else {}
+        if not lacking:
+            raise
+        path, what = next(iter(lacking.items()))  # a shard file rewritten since the render was planned
+        raise ConsistentAvatarError(
+            f"actor {plan.actor!r}, {frame_span([f for f in frames if plan.file_of[f] == path])}: the shard "
+            f"file {path} has {what} (the shards changed since prepare?): re-run `cavatar prepare --force "
+            "--vae DIR`, or render with --no-shard-latents"
+        ) from None
     got = table["frame"].to_pylist()
     missing = sorted(set(frames) - set(got))
     if missing:
@@ -283,7 +294,10 @@ def _read_unit(
         "pose": vectors("pose"),
         "expression": vectors("expression"),
         "emotion": json.dumps(table["emotion"].to_pylist()),
-        "coarse_latent": decode_latents(table[LATENT_COLUMN], latent_shape) if latent_shape else NO_LATENT,
+        "coarse_latent": (
+            decode_latents(table[LATENT_COLUMN], latent_shape, actor=plan.actor, frames=frames)
+            if latent_shape else NO_LATENT
+        ),
     }
 
 
@@ -593,19 +607,18 @@ def _inspect_bundle(location: str) -> _BundleInfo:
     weights; a remote bundle's four files are fetched into a temporary folder."""
     from ..bundle import EMOTIONS_FILE, MANIFEST_FILE, PRESET_FILE, VAE_DIR, read_manifest
     from ..models.presets import parse_preset
-    from ..vae_identity import CONFIG_FILE, bundle_vae_identity, effective_vae_config
+    from ..vae_identity import CONFIG_FILE, latent_config
 
     vae_config_file = f"{VAE_DIR}/{CONFIG_FILE}"
 
     def vae_of(root: Path, manifest: Any, preset: Any) -> BundleVAE:
-        try:  # unreadable: no identity, so no shard latents; loading the bundle will say what is wrong
+        try:  # unreadable: no shard latents; loading the bundle will say what is wrong
             config: dict[str, Any] | None = json.loads((root / vae_config_file).read_text())
         except (OSError, json.JSONDecodeError):
             config = None
-        identity = bundle_vae_identity(manifest.files, config, VAE_DIR) if isinstance(config, dict) else None
-        shift = effective_vae_config(config).get("shift_factor") if isinstance(config, dict) else None
+        shift = latent_config(config).get("shift_factor") if isinstance(config, dict) else None
         return BundleVAE(
-            identity=identity,
+            identity=manifest.vae_identity if isinstance(config, dict) else None,
             latent_shape=(preset.latent_channels, preset.latent_size, preset.latent_size),
             tsd=manifest.tsd.model_dump(),
             shift_factor=shift,
@@ -769,7 +782,7 @@ def _check_inputs(
         variants: set[str] = set()
         shard_keys = ("source_fingerprint", "config_fingerprint", "frames", "train", "test", "resolution")
         shard_fp = fingerprint_of({k: entry.get(k) for k in shard_keys})
-        latent_note = _latent_note(config, shards, entry, manifest, info.vae, file_of)
+        latent_note = _latent_note(config, shards, entry, manifest, info.vae, files)
         use_latents = not latent_note
         try:
             for row in config.rows:
@@ -837,10 +850,10 @@ def _latent_note(
     entry: Mapping[str, Any],
     manifest: Mapping[str, Any],
     vae: BundleVAE,
-    file_of: Mapping[int, str],
+    files: Sequence[str],
 ) -> str:
     """Why stage 2 must encode this actor's coarse TSD itself; "" when the shards' latents are provably
-    its bundle's own (see :mod:`.latents`)."""
+    its bundle's own (see :mod:`.latents`) and every one of its shard ``files`` holds them."""
     from ..tsd import TSDConfig
 
     raw = entry.get("tsd", manifest.get("tsd"))
@@ -852,7 +865,7 @@ def _latent_note(
         enabled=config.shard_latents, rows=[row_switches(r) for r in config.rows], entry=entry,
         shards_tsd=shards_tsd, bundle=vae,
     )
-    return note or column_note(shards, next(iter(file_of.values())))
+    return note or column_note(shards, [str(f) for f in files])
 
 
 def _check_out(out: Path, shards: str, config: RenderConfig) -> dict[str, Any] | None:

@@ -28,7 +28,14 @@ from consistent_avatar.models import load_preset, save_random_components
 from consistent_avatar.training import TrainConfig, train
 from consistent_avatar.training.actor import ActorOutcome
 from consistent_avatar.training.cli import config_from_args, register_cli
-from consistent_avatar.training.data import StageCollate, inspect_actor, read_rows, stage_columns, train_dataset
+from consistent_avatar.training.data import (
+    StageCollate,
+    inspect_actor,
+    read_rows,
+    stage_columns,
+    to_device,
+    train_dataset,
+)
 from consistent_avatar.training.many import TrainReport, fits, trainer_demand
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -105,11 +112,19 @@ def test_collate_decodes_shard_rows_to_model_batches(shards: Path) -> None:
     files = [str(f) for f in actor_files(shards, "actor_000")]
     labels, table = read_emotion_table(shards)
     rows = read_rows(files, stage_columns("fcsd"), 3)
-    batch = StageCollate("actor_000", "fcsd", emotion_table=table)(rows)
+    collated = StageCollate("actor_000", "fcsd", emotion_table=table)(rows)
+    # images leave the collate as uint8 (a quarter of the bytes to copy to a GPU) ...
+    assert collated["image"].dtype == torch.uint8
+    assert torch.equal(collated["image"], torch.from_numpy(decode_images(rows["real_rgb"])).permute(0, 3, 1, 2))
+    # ... and become [-1, 1] floats on the training device, in the requested memory format
+    batch = to_device(collated, torch.device("cpu"))
     assert set(batch) == {"frame", "tsd", "normal", "image", "pose", "expression", "emotion"}
     assert batch["image"].shape == (3, 3, 64, 64) and batch["image"].dtype == torch.float32
+    assert batch["image"].is_contiguous()
     expected = torch.from_numpy(decode_images(rows["real_rgb"])).permute(0, 3, 1, 2).float() / 127.5 - 1
     assert torch.equal(batch["image"], expected)
+    last = to_device(collated, torch.device("cpu"), channels_last=True)["image"]
+    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, expected)
     assert float(batch["tsd"].abs().max()) <= 1.0 and batch["frame"].tolist() == [0, 1, 2]
     assert torch.equal(batch["emotion"], torch.from_numpy(table[np.asarray(rows["emotion_id"], dtype=np.int64)]))
     assert batch["pose"].shape == (3, 6) and batch["expression"].shape == (3, 100)
@@ -223,7 +238,7 @@ def test_engine_keeps_frozen_parts_out_of_the_optimiser(shards: Path, tmp_path: 
         setup_backend(device, {})
         cfg = tiny_config()
         files = [str(f) for f in actor_files(shards, "actor_000")]
-        batch = StageCollate("actor_000", "tsdm")(read_rows(files, stage_columns("tsdm"), 2))
+        batch = to_device(StageCollate("actor_000", "tsdm")(read_rows(files, stage_columns("tsdm"), 2)), device)
 
         def spec(stage: str, inputs: dict[str, str]) -> StageSpec:
             return StageSpec(

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ActorDataError
 from ..io import encode_png, publish_dir, staging_dir
-from .data import ALIGNED_TSD_COLUMN, StageCollate
+from .data import ALIGNED_TSD_COLUMN, StageCollate, to_device
 
 
 class AlignedTSDWriter:
@@ -73,19 +73,21 @@ class AlignedTSDWriter:
         from ..tsd import tsd_to_uint8
 
         b = self.collate(batch)
-        coarse = b["coarse_tsd"].to(self.device, self.dtype)
+        first_frame = int(b["frame"][0])
+        b = to_device(b, self.device)  # images: uint8 → [-1, 1] floats
+        coarse = b["coarse_tsd"].to(self.dtype)
         if "coarse_latent" in b:
-            z = b["coarse_latent"].to(self.device, self.dtype)
+            z = b["coarse_latent"].to(self.dtype)
         else:
             z = vae_encode(self.model.vae, coarse)
         cond = {
             "coarse_tsd": coarse,
-            "pose": b["pose"].to(self.device, self.dtype),
-            "expression": b["expression"].to(self.device, self.dtype),
+            "pose": b["pose"].to(self.dtype),
+            "expression": b["expression"].to(self.dtype),
             "coarse_latent": z,
         }
         # One generator per batch, seeded by its first frame: reruns give the same maps.
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(b["frame"][0]))
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + first_frame)
         noise = torch.randn(z.shape, generator=gen).to(self.device, self.dtype)
         latents = sample(self.denoiser, noise, cond, self.scheduler, self.steps, gen)
         tsd = self.model.decode(latents).float()

@@ -3,8 +3,9 @@
 Each training run hands one Ray Dataset (``read_parquet`` over the actor's files, ``train`` split,
 only the columns the stage needs) to its ``TorchTrainer``; Ray Train splits it across the workers
 (``streaming_split``) and each worker iterates its part with ``iter_torch_batches`` and
-:class:`StageCollate`, which decodes PNG bytes into float images in [-1, 1] and raw float16 latent
-bytes into tensors. Nothing reads the whole actor into memory: blocks stream from the parquet files
+:class:`StageCollate`, which decodes PNG bytes into uint8 image tensors and raw float16 latent bytes
+into tensors (in Ray Data's collate threads; pinned on a GPU worker); :func:`to_device` makes the
+images float in [-1, 1] on the training device, so a quarter of the bytes crosses to the GPU. Nothing reads the whole actor into memory: blocks stream from the parquet files
 through the object store and are decoded batch by batch on the worker.
 
 Batch keys are the models' own (see :class:`..models.tsdm.TSDMBatch` / :class:`..models.fcsd.FCSDBatch`);
@@ -179,8 +180,9 @@ class StageCollate(NumpyBatchCollateFn):
                     self.actor, f"corrupt PNG in column {column!r}: re-run `cavatar prepare --force`", frame
                 ) from None
             out.append(img)
-        arr = np.stack(out)
-        return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+        # uint8 (B, 3, H, W) over NHWC memory: a quarter of float32's bytes to pin and copy to the GPU;
+        # :func:`to_device` makes the [-1, 1] floats where the step runs
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
 
     def _latents(self, batch: dict[str, Any], column: str) -> torch.Tensor:
         assert self.latent_shape is not None
@@ -273,10 +275,15 @@ def read_rows(files: list[str] | tuple[str, ...], columns: list[str], count: int
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool = False) -> dict[str, torch.Tensor]:
+    """A collated batch as the models take it, on ``device``: uint8 images become floats in [-1, 1]
+    there (``x / 127.5 - 1``, the same float32 operations on any device, so the same values), and
+    4-D tensors take the requested memory format."""
     out = {}
     for k, v in batch.items():
         v = v.to(device, non_blocking=True)
-        if channels_last and v.ndim == 4:
-            v = v.contiguous(memory_format=torch.channels_last)
+        if v.dtype == torch.uint8:
+            v = v.float().div_(127.5).sub_(1.0)
+        if v.ndim == 4:
+            v = v.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         out[k] = v
     return out

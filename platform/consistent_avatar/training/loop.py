@@ -314,6 +314,7 @@ def stage_worker(spec: StageSpec) -> None:
             local_shuffle_buffer_size=spec.shuffle_buffer or None,
             local_shuffle_seed=(spec.seed + epoch * 7919 + step) if spec.shuffle_buffer else None,
             prefetch_batches=spec.prefetch_batches,
+            pin_memory=cuda,  # page-locked: the copy to the GPU is asynchronous
         ):
             batches += 1
             batch = to_device(batch, device, _perf(spec, cuda, "channels_last"))

@@ -250,3 +250,21 @@ def test_vae_latents_and_local_clip(small_actors: Path, tmp_path: Path) -> None:
     assert identity["format"] == FORMAT and len(identity["tensors_sha256"]) == 64
     meta = json.loads((tmp_path / "S" / "actors" / "actor_000" / "_actor.json").read_text())
     assert meta["vae_identity"] == identity
+    # training takes these latents only from the VAE that made them, by content, not by path
+    import dataclasses
+
+    from consistent_avatar.training.data import inspect_actor, shard_latents_problem
+
+    data = inspect_actor(tmp_path / "S", "actor_000", 64, 32)
+    assert data.latent_vae_identity == identity and data.latent_shape == meta_shape
+    assert shard_latents_problem(data, str(vae_dir)) == ""
+    vae.save_pretrained(tmp_path / "copy")  # the same weights in another folder (a bundle's vae/, say)
+    assert shard_latents_problem(data, str(tmp_path / "copy")) == ""
+    assert "not a pretrained folder" in shard_latents_problem(data, None)
+    torch.manual_seed(1)
+    AutoencoderKL(**vae.config).save_pretrained(vae_dir)  # new weights at the path the shards name
+    assert "another VAE" in shard_latents_problem(data, str(vae_dir))
+    older = dataclasses.replace(data, latent_vae_identity=None)  # shards prepared before identities
+    assert shard_latents_problem(older, str(vae_dir)) == ""  # their VAE folder's path, as before
+    assert "come from the VAE at" in shard_latents_problem(older, str(tmp_path / "copy"))
+    assert "no VAE latents" in shard_latents_problem(dataclasses.replace(data, latent_shape=None), str(vae_dir))

@@ -43,7 +43,15 @@ from ..errors import ActorDataError, ConsistentAvatarError
 from ..io import absolute_or_uri, atomic_write_json, fingerprint_of, is_uri, publish_dir, read_json, staging_dir
 from ..models.presets import ModelPreset, load_preset
 from .config import STAGE_ORDER, StageName, TrainConfig
-from .data import ALIGNED_TSD_COLUMN, ActorData, StageCollate, inspect_actor, same_directory, stage_columns, train_dataset
+from .data import (
+    ALIGNED_TSD_COLUMN,
+    ActorData,
+    StageCollate,
+    inspect_actor,
+    shard_latents_problem,
+    stage_columns,
+    train_dataset,
+)
 from .stages import STAGE_TITLE, StageSpec
 from .weights import consolidated_state_dict, save_weights, strip_prefix, without_vae
 
@@ -386,11 +394,13 @@ class ActorTrainer:
             self.preset = self.preset.with_pretrained(vae=str(self.dir / "vae" / VAE_MODEL_DIR))
         if "tsdm" not in stages:
             return
-        latents = (
-            data.latent_shape
-            if cfg.data.use_latents and data.latent_shape and same_directory(data.latent_vae, _vae_path(self.preset))
-            else None
-        )
+        latents = None
+        if cfg.data.use_latents:
+            problem = shard_latents_problem(data, _vae_path(self.preset))
+            if problem:
+                log.info("actor %s: stages 2 and 3 encode images with the VAE: %s", self.actor, problem)
+            else:
+                latents = data.latent_shape
         tsdm_cols = stage_columns("tsdm", latents=latents is not None)
         tsdm_collate = StageCollate(self.actor, "tsdm", latent_shape=latents)
         tsdm = self.run_stage("tsdm", data=data, files=data.files, collate=tsdm_collate, columns=tsdm_cols)

@@ -56,6 +56,7 @@ class ActorData:
     latent_vae: str | None
     emotion_labels: tuple[str, ...]
     emotion_table: np.ndarray  # (L, D) float32, row = emotion id
+    latent_vae_identity: dict[str, str] | None = None  # the VAE of the latents, by content (vae_identity)
 
 
 def inspect_actor(shards: str | Path, actor: str, resolution: int, emotion_dim: int) -> ActorData:
@@ -117,11 +118,45 @@ def inspect_actor(shards: str | Path, actor: str, resolution: int, emotion_dim: 
         latent_vae=vae,
         emotion_labels=tuple(labels),
         emotion_table=table,
+        latent_vae_identity=meta.get("vae_identity") if manifest.get("latents") else None,
     )
 
 
 def same_directory(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def shard_latents_problem(data: ActorData, vae_path: str | None) -> str:
+    """"" when the shards' VAE latents are what the model's own VAE computes, so that training may take
+    them instead of encoding images; otherwise why not (logged once per actor).
+
+    By content when the shards record their VAE's identity (:mod:`..vae_identity`: the weights as
+    loaded, and the config keys that shape a latent), so that new weights at the same path are not
+    mistaken for the old ones. Shards prepared before identities were recorded fall back to the VAE
+    folder's path, as before. Prepare stores ``mean × scaling_factor``: a VAE with a ``shift_factor``
+    encodes otherwise, so its latents are not used.
+    """
+    from ..vae_identity import identity_problem, model_identity
+
+    if not data.latent_shape:
+        return "the shards hold no VAE latents (prepared without --vae)"
+    if vae_path is None:
+        return "the model's VAE is not a pretrained folder (initialised randomly or trained in this run)"
+    recorded = data.latent_vae_identity
+    if identity_problem(recorded):
+        if same_directory(data.latent_vae, vae_path):
+            return ""
+        return f"the shards' latents come from the VAE at {data.latent_vae}, the model's VAE is {vae_path}"
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(Path(vae_path), local_files_only=True, torch_dtype=torch.float32)
+    if getattr(vae.config, "shift_factor", None):
+        return f"the VAE at {vae_path} has a shift_factor, which the shards' stored latents do not apply"
+    assert recorded is not None
+    if model_identity(vae) != {k: recorded.get(k) for k in ("format", "tensors_sha256", "config")}:
+        return f"the shards' latents come from another VAE than the model's ({vae_path}: other weights or config)"
+    return ""
 
 
 def stage_columns(kind: Kind, tsd_column: str = "tsd_real", latents: bool = False) -> list[str]:

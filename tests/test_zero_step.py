@@ -288,3 +288,23 @@ def test_compile_mode_reaches_torch_compile(monkeypatch: pytest.MonkeyPatch) -> 
     assert modes("tsdm") == modes("lcm_fcsd") == modes("lcm_tsdm") == [("UNet2DConditionModel", {"mode": "default"})]
     with pytest.raises(ConsistentAvatarError, match="compile_mode"):
         TrainConfig.parse({"performance": {"compile_mode": "fastest"}})
+
+
+def test_a_generator_state_of_another_kind_reseeds_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """The trainer draws its noise on the training device; a checkpoint whose RNG state is another
+    generator's (a CPU generator's, saved by an older version on a GPU) resumes with a fresh, seeded
+    stream and says so, instead of failing."""
+    from consistent_avatar.training.loop import restore_generator
+
+    saved = torch.Generator().manual_seed(5)
+    torch.randn(3, generator=saved)
+    gen = torch.Generator().manual_seed(11)
+    restore_generator(gen, saved.get_state(), step=40)  # same kind: the exact stream continues
+    assert torch.equal(torch.randn(4, generator=gen), torch.randn(4, generator=saved))
+    gen = torch.Generator().manual_seed(11)
+    with caplog.at_level("WARNING"):
+        restore_generator(gen, torch.zeros(16, dtype=torch.uint8), step=40)  # a CUDA generator's state size
+    assert "another kind of generator" in caplog.text
+    assert gen.initial_seed() == 11 + 7919 * 40
+    again = torch.Generator().manual_seed(11 + 7919 * 40)
+    assert torch.equal(torch.randn(4, generator=gen), torch.randn(4, generator=again))

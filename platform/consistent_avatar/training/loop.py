@@ -185,6 +185,22 @@ def _prepare_modules(runner: StageRunner, spec: StageSpec, cuda: bool) -> None:
                 m.compile(mode=mode)
 
 
+def restore_generator(generator: torch.Generator, state: torch.Tensor, step: int) -> None:
+    """The noise generator's state from a checkpoint. A state of another kind of generator (a CPU
+    generator's, from a checkpoint an older version wrote on a GPU) cannot be loaded: the stream then
+    restarts from a seed derived from the generator's own and the step, with a warning, so that the
+    run resumes (its noise is a fresh draw, not the one the interrupted run would have made)."""
+    try:
+        generator.set_state(state)
+    except RuntimeError:
+        seed = generator.initial_seed() + 7919 * step
+        log.warning(
+            "the checkpoint's noise-generator state is for another kind of generator (written by an older "
+            "version); the noise stream restarts from seed %d at step %d", seed, step,
+        )
+        generator.manual_seed(seed)
+
+
 def setup_backend(device: torch.device, performance: dict[str, Any]) -> None:
     """DeepSpeed's accelerator and the process group (already created by Ray Train, or by a caller)."""
     cuda = device.type == "cuda"
@@ -248,7 +264,9 @@ def stage_worker(spec: StageSpec) -> None:
     runner, engine, optimizer = build_engine(spec, device, world)
     micro = engine.train_micro_batch_size_per_gpu()
 
-    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + rank)
+    # The step's noise and timesteps are drawn where the step runs: a CPU generator on a GPU would
+    # copy them over with a blocking copy, a host-GPU synchronisation every step.
+    generator = torch.Generator(device=device).manual_seed(spec.seed * 1_000_003 + rank)
     state: dict[str, Any] = {"attempt": 1, "probe_initial": None, "seconds": 0.0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -258,7 +276,7 @@ def stage_worker(spec: StageSpec) -> None:
             engine.load_checkpoint(str(folder), tag=saved["tag"])
             rng = folder / f"rng_rank{rank}.pt"
             if rng.is_file():
-                generator.set_state(torch.load(rng, weights_only=True))
+                restore_generator(generator, torch.load(rng, weights_only=True), int(saved.get("step", 0)))
             runner.load_extra(folder)
             state.update(saved, attempt=int(saved.get("attempt", 1)) + 1)
     step = int(engine.global_steps)

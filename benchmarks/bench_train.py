@@ -294,7 +294,7 @@ def bench_stage(stage: str, args: argparse.Namespace, preset: ModelPreset, devic
     batch = random_batch(kind, preset, args.batch, args.latents, device)
     if args.channels_last:
         batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)  # as the trainer: noise drawn on the training device
 
     def step() -> float:
         loss = runner.loss(engine, batch, gen)

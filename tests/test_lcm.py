@@ -161,6 +161,29 @@ def test_draw_is_seeded_and_on_the_grid() -> None:
     assert n1.shape == x0.shape
 
 
+def test_draw_copies_no_host_tensor_to_the_generator_device() -> None:
+    """The step's draw happens where its generator is (the training GPU): t_{n+k} comes from the drawn
+    index there, not from copying the CPU grid over, which on a GPU is a blocking copy (a host sync)
+    every step. On CPU the copy is free, so the test watches for the call itself."""
+    from torch.overrides import TorchFunctionMode
+
+    d = ConsistencyDistiller(ScaleEps())
+    x0, _ = batch(16)
+    moved: list[torch.Tensor] = []
+
+    class WatchTo(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.Tensor.to and args and args[0] is d.timesteps:
+                moved.append(args[0])
+            return func(*args, **(kwargs or {}))
+
+    with WatchTo():
+        t, _ = d.draw(x0, torch.Generator().manual_seed(5))
+    assert not moved
+    index = torch.randint(0, len(d.timesteps), (16,), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(t, d.timesteps[index]) and t.dtype == d.timesteps.dtype  # the same draw as before
+
+
 def test_ema_update_math() -> None:
     teacher = ScaleEps()
     d = ConsistencyDistiller(teacher, {"ema_decay": 0.95})

@@ -154,6 +154,7 @@ class ConsistencyDistiller:
         spacing = total // config.num_ddim_timesteps
         #: the skipping-step grid t = 19, 39, …, 999 (as diffusers' LCMScheduler builds it)
         self.timesteps = torch.arange(1, config.num_ddim_timesteps + 1) * spacing - 1
+        self._spacing = spacing
         #: k, in training timesteps: how far back the teacher's DDIM step goes
         self.skip = config.skip_ddim_steps * spacing
 
@@ -187,7 +188,9 @@ class ConsistencyDistiller:
         """Random t_{n+k} on the grid (B,) and noise ε like ``x0``: the randomness of one step."""
         gen_device = generator.device if generator is not None else x0.device
         index = torch.randint(0, len(self.timesteps), (x0.shape[0],), generator=generator, device=gen_device)
-        t_start = self.timesteps.to(gen_device)[index].to(x0.device)
+        # timesteps[index], computed where the index was drawn: copying the (CPU) grid to a GPU every
+        # step would be a blocking copy, i.e. a host-GPU synchronisation per step
+        t_start = ((index + 1) * self._spacing - 1).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=torch.float32)
         return t_start, noise.to(device=x0.device, dtype=x0.dtype)
 

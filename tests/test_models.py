@@ -270,6 +270,27 @@ def test_training_objective_module_gives_the_stage_loss(preset, scheduler) -> No
     assert torch.equal(objective(batch, torch.Generator().manual_seed(4)), direct)
 
 
+@pytest.mark.parametrize("stage", ["tsdm", "fcsd"])
+def test_values_false_checks_shapes_only(preset, scheduler, stage) -> None:
+    """The trainer checks values on the CPU where it reads them (StageCollate) and asks the step for
+    shape checks only (no read-back from the GPU): the same loss on good data; bad values pass, a bad
+    shape is still refused."""
+    from consistent_avatar.models import TrainingObjective
+
+    model = build_tsdm(preset) if stage == "tsdm" else build_fcsd(preset)
+    batch = tsdm_batch(preset) if stage == "tsdm" else fcsd_batch(preset)
+    lean = TrainingObjective(model, scheduler, check_values=False)
+    full = TrainingObjective(model, scheduler)
+    assert torch.equal(lean(batch, torch.Generator().manual_seed(2)), full(batch, torch.Generator().manual_seed(2)))
+    bad = dict(batch, pose=batch["pose"].clone())
+    bad["pose"][0, 0] = float("nan")
+    with pytest.raises(ConsistentAvatarError, match="pose contains NaN"):
+        full(bad, torch.Generator().manual_seed(2))
+    lean(bad, torch.Generator().manual_seed(2))  # not looked at: the collate checked it
+    with pytest.raises(ConsistentAvatarError, match="pose"):
+        lean(dict(batch, pose=batch["pose"][:, :3]), torch.Generator().manual_seed(2))
+
+
 def test_precomputed_latents_give_the_same_loss_as_images(preset, scheduler) -> None:
     tsdm = build_tsdm(preset)
     batch = tsdm_batch(preset)

@@ -134,6 +134,22 @@ def test_collate_decodes_shard_rows_to_model_batches(shards: Path) -> None:
     assert vae["images"].shape == (4, 3, 64, 64)  # frames and TSD maps
 
 
+def test_collate_refuses_non_finite_values_naming_the_frames(shards: Path) -> None:
+    """Values are checked where they are read, on the CPU (the training step then checks shapes only)."""
+    files = [str(f) for f in actor_files(shards, "actor_000")]
+    labels, table = read_emotion_table(shards)
+    rows = read_rows(files, stage_columns("fcsd"), 3)
+    pose = np.stack([np.asarray(v, dtype=np.float32) for v in rows["pose"]])
+    pose[1, 2] = np.nan
+    bad = dict(rows, pose=np.array(list(pose), dtype=object))
+    with pytest.raises(ActorDataError, match=r"frame 1: column 'pose' holds NaN or infinite values in frames \[1\]"):
+        StageCollate("actor_000", "fcsd", emotion_table=table)(bad)
+    broken = table.copy()
+    broken[0, 0] = np.inf
+    with pytest.raises(ActorDataError, match="emotion embedding table holds NaN"):
+        StageCollate("actor_000", "fcsd", emotion_table=broken)
+
+
 def test_an_epoch_of_several_passes_streams_every_train_row_that_many_times(shards: Path) -> None:
     files = [str(f) for f in actor_files(shards, "actor_000")]
     train_frames = inspect_actor(shards, "actor_000", 64, 768).train_frames

@@ -203,18 +203,22 @@ class StageConditioning(nn.Module):
         pose: object,
         expression: object,
         emotion: object | None = None,
+        *,
+        values: bool = True,
     ) -> int:
-        """Check every input (shape, range, finiteness); return the batch size."""
-        image = check_image(self.tsd_name, tsd, channels=3, size=self.resolution)
+        """Check every input (shape, range, finiteness); return the batch size. ``values=False``
+        checks shapes only: reading values back from a GPU is a host-GPU synchronisation, which a
+        caller whose data is checked where it was read (the trainer's collate) need not pay per step."""
+        image = check_image(self.tsd_name, tsd, channels=3, size=self.resolution, values=values)
         b = image.shape[0]
-        check_vectors("pose", pose, dim=self.cfg.pose_dim, batch=b)
-        check_vectors("expression", expression, dim=self.cfg.expression_dim, batch=b)
+        check_vectors("pose", pose, dim=self.cfg.pose_dim, batch=b, values=values)
+        check_vectors("expression", expression, dim=self.cfg.expression_dim, batch=b, values=values)
         if self.tokens.emotion_proj is not None:
             if emotion is None:
                 raise ConsistentAvatarError(
                     f"emotion (B, {self.cfg.emotion_dim}) CLIP text embedding is required in stage 3"
                 )
-            check_vectors("emotion", emotion, dim=self.cfg.emotion_dim, batch=b)
+            check_vectors("emotion", emotion, dim=self.cfg.emotion_dim, batch=b, values=values)
         elif emotion is not None:
             raise ConsistentAvatarError(
                 "stage 2 (TSDM) takes no emotion embedding; f_c = [TSD code, pose, expression]"

@@ -181,24 +181,31 @@ class FCSD(nn.Module):
         )[0]
 
     def training_loss(
-        self, batch: Mapping[str, Any], noise_scheduler: Any, generator: torch.Generator | None = None
+        self,
+        batch: Mapping[str, Any],
+        noise_scheduler: Any,
+        generator: torch.Generator | None = None,
+        *,
+        values: bool = True,
     ) -> torch.Tensor:
-        """L_portrait = ‖ε̂ - ε‖² (eq. 9). Every input is validated before any network runs."""
+        """L_portrait = ‖ε̂ - ε‖² (eq. 9). Every input is validated before any network runs
+        (``values=False``: shapes only, see :meth:`Conditioning.validate`)."""
         p = self.preset
         stage = "FCSD"
         check_scheduler(noise_scheduler)
         tsd, normal = require(batch, "tsd", stage), require(batch, "normal", stage)
         pose, expression = require(batch, "pose", stage), require(batch, "expression", stage)
         emotion = require(batch, "emotion", stage)
-        b = self.conditioning.validate(tsd, pose, expression, emotion)
-        check_image("normal", normal, channels=3, size=p.resolution, batch=b)
+        b = self.conditioning.validate(tsd, pose, expression, emotion, values=values)
+        check_image("normal", normal, channels=3, size=p.resolution, batch=b, values=values)
         if batch.get("image_latent") is not None:
             target = check_latents(
-                "image_latent", batch["image_latent"], channels=p.latent_channels, size=p.latent_size, batch=b
+                "image_latent", batch["image_latent"], channels=p.latent_channels, size=p.latent_size, batch=b,
+                values=values,
             )
         else:
             image = check_image(
-                "image", require(batch, "image", stage), channels=3, size=p.resolution, batch=b
+                "image", require(batch, "image", stage), channels=3, size=p.resolution, batch=b, values=values
             )
             with torch.no_grad():
                 target = vae_encode(self.vae, image)

@@ -73,11 +73,17 @@ class TrainingObjective(torch.nn.Module):
     this module, not the stage model, so the loss computation goes through that ``forward``.
     """
 
-    def __init__(self, model: torch.nn.Module, noise_scheduler: Any) -> None:
+    def __init__(self, model: torch.nn.Module, noise_scheduler: Any, *, check_values: bool = True) -> None:
+        """``check_values=False``: the batch's values (range, finiteness) were checked where it was read
+        (the trainer's collate, on the CPU), so the step checks shapes only and reads nothing back from
+        the GPU (each value check is a host-GPU synchronisation)."""
         super().__init__()
         check_scheduler(noise_scheduler)
         self.model = model
         self.noise_scheduler = noise_scheduler
+        self.check_values = check_values
 
     def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.model.training_loss(batch, self.noise_scheduler, generator)  # type: ignore[operator]
+        return self.model.training_loss(  # type: ignore[operator, no-any-return]
+            batch, self.noise_scheduler, generator, values=self.check_values
+        )

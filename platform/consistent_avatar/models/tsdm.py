@@ -156,15 +156,21 @@ class TSDM(nn.Module):
         )[0]
 
     def training_loss(
-        self, batch: Mapping[str, Any], noise_scheduler: Any, generator: torch.Generator | None = None
+        self,
+        batch: Mapping[str, Any],
+        noise_scheduler: Any,
+        generator: torch.Generator | None = None,
+        *,
+        values: bool = True,
     ) -> torch.Tensor:
-        """L_TSD = ‖ε̂ - ε‖² (eq. 6). Every input is validated before any network runs."""
+        """L_TSD = ‖ε̂ - ε‖² (eq. 6). Every input is validated before any network runs
+        (``values=False``: shapes only, see :meth:`Conditioning.validate`)."""
         p = self.preset
         stage = "TSDM"
         check_scheduler(noise_scheduler)
         coarse = require(batch, "coarse_tsd", stage)
         pose, expression = require(batch, "pose", stage), require(batch, "expression", stage)
-        b = self.conditioning.validate(coarse, pose, expression)
+        b = self.conditioning.validate(coarse, pose, expression, values=values)
         if batch.get("target_latent") is not None:
             target = check_latents(
                 "target_latent",
@@ -172,16 +178,19 @@ class TSDM(nn.Module):
                 channels=p.latent_channels,
                 size=p.latent_size,
                 batch=b,
+                values=values,
             )
             target_image = None
         else:
             target_image = check_image(
-                "target_tsd", require(batch, "target_tsd", stage), channels=3, size=p.resolution, batch=b
+                "target_tsd", require(batch, "target_tsd", stage), channels=3, size=p.resolution, batch=b,
+                values=values,
             )
         coarse_latent = batch.get("coarse_latent")
         if coarse_latent is not None:
             check_latents(
-                "coarse_latent", coarse_latent, channels=p.latent_channels, size=p.latent_size, batch=b
+                "coarse_latent", coarse_latent, channels=p.latent_channels, size=p.latent_size, batch=b,
+                values=values,
             )
 
         with torch.no_grad():

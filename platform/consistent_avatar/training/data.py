@@ -171,7 +171,12 @@ def stage_columns(kind: Kind, tsd_column: str = "tsd_real", latents: bool = Fals
 
 
 class StageCollate(NumpyBatchCollateFn):
-    """numpy batch from Ray Data → dict of CPU tensors in the stage's batch keys (picklable)."""
+    """numpy batch from Ray Data → dict of CPU tensors in the stage's batch keys (picklable).
+
+    The values are checked here, on the CPU, where a bad one can be named by actor and frame: latents,
+    pose and expression vectors and the emotion table must be finite (images are uint8, in range by
+    construction). The training step then checks shapes only, with no read-back from the GPU.
+    """
 
     def __init__(
         self,
@@ -185,6 +190,8 @@ class StageCollate(NumpyBatchCollateFn):
     ) -> None:
         if kind == "fcsd" and emotion_table is None:
             raise ConsistentAvatarError("stage 3 batches need the emotion embedding table")
+        if emotion_table is not None and not np.isfinite(emotion_table).all():
+            raise ActorDataError(actor, "the shards' emotion embedding table holds NaN or infinite values: re-run prepare")
         self.actor = actor
         self.kind = kind
         self.tsd_column = tsd_column
@@ -232,11 +239,22 @@ class StageCollate(NumpyBatchCollateFn):
                     int(batch["frame"][i]),
                 )
             rows.append(a.reshape(self.latent_shape))
-        return torch.from_numpy(np.stack(rows).astype(np.float32))
+        out = np.stack(rows).astype(np.float32)
+        self._finite(out, column, batch)
+        return torch.from_numpy(out)
 
-    @staticmethod
-    def _vectors(values: Any) -> torch.Tensor:
-        return torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in values]))
+    def _vectors(self, batch: dict[str, Any], column: str) -> torch.Tensor:
+        out = np.stack([np.asarray(v, dtype=np.float32) for v in batch[column]])
+        self._finite(out, column, batch)
+        return torch.from_numpy(out)
+
+    def _finite(self, values: np.ndarray, column: str, batch: dict[str, Any]) -> None:
+        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        if bad.any():
+            frames = [int(f) for f in np.asarray(batch["frame"])[bad]]
+            raise ActorDataError(
+                self.actor, f"column {column!r} holds NaN or infinite values in frames {frames}: re-run prepare", frames[0]
+            )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {"frame": torch.as_tensor(np.asarray(batch["frame"], dtype=np.int64))}
@@ -244,8 +262,8 @@ class StageCollate(NumpyBatchCollateFn):
         if self.kind == "vae":
             out["images"] = torch.cat([self._images(batch, "real_rgb"), self._images(batch, "tsd_real")])
             return out
-        out["pose"] = self._vectors(batch["pose"])
-        out["expression"] = self._vectors(batch["expression"])
+        out["pose"] = self._vectors(batch, "pose")
+        out["expression"] = self._vectors(batch, "expression")
         if self.kind == "tsdm":
             out["coarse_tsd"] = self._images(batch, "tsd_coarse")
             if latents:
@@ -317,7 +335,9 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_las
     for k, v in batch.items():
         v = v.to(device, non_blocking=True)
         if v.dtype == torch.uint8:
-            v = v.float().div_(127.5).sub_(1.0)
+            # a 0-dim tensor on the device, not a Python number: CUDA divides by a host scalar as a
+            # multiplication by its reciprocal (a last-bit difference); this is a true division there too
+            v = v.float().div_(torch.full((), 127.5, device=v.device)).sub_(1.0)
         if v.ndim == 4:
             v = v.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         out[k] = v

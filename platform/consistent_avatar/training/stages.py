@@ -83,6 +83,10 @@ class VAEObjective(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         x = batch["images"]
+        if not x.is_floating_point():  # the collate's uint8: to_device makes the [-1, 1] floats
+            raise ConsistentAvatarError(
+                f"VAE stage images must be floats in [-1, 1], got {x.dtype}: pass the batch through training.data.to_device"
+            )
         posterior = self.vae.encode(x.to(self.vae.dtype)).latent_dist
         rec = self.vae.decode(posterior.sample(generator)).sample
         return F.mse_loss(rec.float(), x.float()) + self.kl_weight * posterior.kl().float().mean()
@@ -185,7 +189,8 @@ class DiffusionRunner(StageRunner):
             )
             self.module = self.distiller.student
         else:
-            self.module = TrainingObjective(self.model, self.noise_scheduler)
+            # values are checked on the CPU by StageCollate (training.data): no per-step GPU read-back
+            self.module = TrainingObjective(self.model, self.noise_scheduler, check_values=False)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         if self.distiller is not None:

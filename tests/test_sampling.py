@@ -258,3 +258,18 @@ def test_denoise_accepts_per_frame_timesteps_from_the_host() -> None:
     denoise(denoiser, x, torch.tensor([5, 6, 7]), {})
     denoise(denoiser, x, 9, {})
     assert got[0].tolist() == [5, 6, 7] and got[1].tolist() == [9, 9, 9]
+
+
+def test_alpha_bar_refuses_timesteps_outside_the_schedule() -> None:
+    """On the CPU the range is checked on the host with the values in the message (on a GPU it is
+    asserted on the device: reading the values back would synchronise every LCM training step)."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    like = torch.zeros(2, 4, 8, 8)
+    a = alpha_bar(scheduler, torch.tensor([0, 999]), like)
+    assert a.shape == (2, 1, 1, 1) and torch.equal(a.flatten(), scheduler.alphas_cumprod[[0, 999]].float())
+    with pytest.raises(ConsistentAvatarError, match=r"timesteps must lie in \[0, 1000\), got \[3, 1000\]"):
+        alpha_bar(scheduler, torch.tensor([3, 1000]), like)
+    with pytest.raises(ConsistentAvatarError, match="must lie in"):
+        alpha_bar(scheduler, -1, like)

@@ -145,8 +145,13 @@ def alpha_bar(scheduler: Any, t: torch.Tensor | int, like: torch.Tensor) -> torc
         raise ConsistentAvatarError(
             f"timesteps must be a scalar or shape ({like.shape[0]},), got {tuple(t.shape)}"
         )
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= total):
-        raise ConsistentAvatarError(f"timesteps must lie in [0, {total}), got {t.tolist()}")
+    if t.device.type == "cpu":
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= total):
+            raise ConsistentAvatarError(f"timesteps must lie in [0, {total}), got {t.tolist()}")
+    elif t.numel():
+        # Reading a GPU tensor's values back is a host-GPU synchronisation (LCM training calls this
+        # several times a step): the range is asserted on the device instead.
+        torch._assert_async(((t >= 0) & (t < total)).all(), f"timesteps must lie in [0, {total})")
     a = alphas.to(device=like.device, dtype=torch.float32)[t.long()]
     return a.reshape(-1, *([1] * (like.ndim - 1)))
 

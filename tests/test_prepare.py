@@ -268,3 +268,8 @@ def test_vae_latents_and_local_clip(small_actors: Path, tmp_path: Path) -> None:
     assert shard_latents_problem(older, str(vae_dir)) == ""  # their VAE folder's path, as before
     assert "come from the VAE at" in shard_latents_problem(older, str(tmp_path / "copy"))
     assert "no VAE latents" in shard_latents_problem(dataclasses.replace(data, latent_shape=None), str(vae_dir))
+    shifted = tmp_path / "shifted"  # a VAE whose encode shifts: the stored latents (mean × scale) are not its
+    shutil.copytree(tmp_path / "copy", shifted)
+    cfg_json = json.loads((shifted / "config.json").read_text())
+    (shifted / "config.json").write_text(json.dumps({**cfg_json, "shift_factor": 0.1}))
+    assert "shift_factor" in shard_latents_problem(dataclasses.replace(older, latent_vae=str(shifted)), str(shifted))

@@ -14,6 +14,7 @@ the VAE stage gets ``images``. Every decode error names the actor, the frame and
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -132,8 +133,8 @@ def shard_latents_problem(data: ActorData, vae_path: str | None) -> str:
 
     By content when the shards record their VAE's identity (:mod:`..vae_identity`: the weights as
     loaded, and the config keys that shape a latent), so that new weights at the same path are not
-    mistaken for the old ones. Shards prepared before identities were recorded fall back to the VAE
-    folder's path, as before. Prepare stores ``mean × scaling_factor``: a VAE with a ``shift_factor``
+    mistaken for the old ones. Shards prepared before content identities were recorded (none, or the
+    earlier file-hash format) fall back to the VAE folder's path, as before. Prepare stores ``mean × scaling_factor``: a VAE with a ``shift_factor``
     encodes otherwise, so its latents are not used.
     """
     from ..vae_identity import identity_problem, model_identity
@@ -142,8 +143,11 @@ def shard_latents_problem(data: ActorData, vae_path: str | None) -> str:
         return "the shards hold no VAE latents (prepared without --vae)"
     if vae_path is None:
         return "the model's VAE is not a pretrained folder (initialised randomly or trained in this run)"
+    config = Path(vae_path) / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("shift_factor"):
+        return f"the VAE at {vae_path} has a shift_factor, which the shards' stored latents do not apply"
     recorded = data.latent_vae_identity
-    if identity_problem(recorded):
+    if identity_problem(recorded):  # none recorded, or an earlier format: the folder's path, as before
         if same_directory(data.latent_vae, vae_path):
             return ""
         return f"the shards' latents come from the VAE at {data.latent_vae}, the model's VAE is {vae_path}"
@@ -151,8 +155,6 @@ def shard_latents_problem(data: ActorData, vae_path: str | None) -> str:
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(Path(vae_path), local_files_only=True, torch_dtype=torch.float32)
-    if getattr(vae.config, "shift_factor", None):
-        return f"the VAE at {vae_path} has a shift_factor, which the shards' stored latents do not apply"
     assert recorded is not None
     if model_identity(vae) != {k: recorded.get(k) for k in ("format", "tensors_sha256", "config")}:
         return f"the shards' latents come from another VAE than the model's ({vae_path}: other weights or config)"

@@ -5,7 +5,8 @@ only the columns the stage needs) to its ``TorchTrainer``; Ray Train splits it a
 (``streaming_split``) and each worker iterates its part with ``iter_torch_batches`` and
 :class:`StageCollate`, which decodes PNG bytes into uint8 image tensors and raw float16 latent bytes
 into tensors (in Ray Data's collate threads; pinned on a GPU worker); :func:`to_device` makes the
-images float in [-1, 1] on the training device, so a quarter of the bytes crosses to the GPU. Nothing reads the whole actor into memory: blocks stream from the parquet files
+images float in [-1, 1] on the training device, so a quarter of the bytes crosses to the GPU.
+Nothing reads the whole actor into memory: blocks stream from the parquet files
 through the object store and are decoded batch by batch on the worker.
 
 Batch keys are the models' own (see :class:`..models.tsdm.TSDMBatch` / :class:`..models.fcsd.FCSDBatch`);
@@ -134,8 +135,8 @@ def shard_latents_problem(data: ActorData, vae_path: str | None) -> str:
     By content when the shards record their VAE's identity (:mod:`..vae_identity`: the weights as
     loaded, and the config keys that shape a latent), so that new weights at the same path are not
     mistaken for the old ones. Shards prepared before content identities were recorded (none, or the
-    earlier file-hash format) fall back to the VAE folder's path, as before. Prepare stores ``mean × scaling_factor``: a VAE with a ``shift_factor``
-    encodes otherwise, so its latents are not used.
+    earlier file-hash format) fall back to the VAE folder's path, as before. Prepare stores
+    ``mean × scaling_factor``: a VAE with a ``shift_factor`` encodes otherwise, so its latents are not used.
     """
     from ..vae_identity import identity_problem, model_identity
 

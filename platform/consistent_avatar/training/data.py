@@ -138,7 +138,7 @@ def shard_latents_problem(data: ActorData, vae_path: str | None) -> str:
     earlier file-hash format) fall back to the VAE folder's path, as before. Prepare stores
     ``mean × scaling_factor``: a VAE with a ``shift_factor`` encodes otherwise, so its latents are not used.
     """
-    from ..vae_identity import identity_problem, model_identity
+    from ..vae_identity import identity_problem, vae_dir_identity
 
     if not data.latent_shape:
         return "the shards hold no VAE latents (prepared without --vae)"
@@ -152,12 +152,8 @@ def shard_latents_problem(data: ActorData, vae_path: str | None) -> str:
         if same_directory(data.latent_vae, vae_path):
             return ""
         return f"the shards' latents come from the VAE at {data.latent_vae}, the model's VAE is {vae_path}"
-    import torch
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(Path(vae_path), local_files_only=True, torch_dtype=torch.float32)
     assert recorded is not None
-    if model_identity(vae) != {k: recorded.get(k) for k in ("format", "tensors_sha256", "config")}:
+    if vae_dir_identity(vae_path) != {k: recorded.get(k) for k in ("format", "tensors_sha256", "config")}:
         return f"the shards' latents come from another VAE than the model's ({vae_path}: other weights or config)"
     return ""
 

@@ -114,12 +114,15 @@ def bundle_vae(work: Path, args: argparse.Namespace, preset: Any) -> Path:
     """The random VAE every bundle of this run carries (same preset and seed), saved as a diffusers
     folder: ``--shard-latents`` prepares the shards with it, as a user prepares with the VAE their
     bundles are trained with, so that render may take the coarse TSD's latent from the shards."""
+    from consistent_avatar.io import publish_dir, staging_dir
     from consistent_avatar.models import load_shared_components
 
     folder = work / f"vae_{preset.name}_seed{args.seed}"
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file():  # staged: an interrupted save is never taken for a VAE
         progress(f"saving the bundles' random VAE (seed {args.seed}) to {folder}")
-        load_shared_components(preset, seed=args.seed).vae.save_pretrained(folder)
+        staged = staging_dir(folder)
+        load_shared_components(preset, seed=args.seed).vae.save_pretrained(staged)
+        publish_dir(staged, folder)
     return folder
 
 

@@ -118,14 +118,14 @@ def build_inputs(work: Path, preset: Any, n_actors: int, frames: int, latents: b
     if latents:
         vae_dir = inputs / "random_vae"
         if not (vae_dir / "config.json").is_file():
+            from consistent_avatar.io import publish_dir, staging_dir
             from consistent_avatar.models.components import load_vae
 
             random_preset = preset.model_copy(update={"pretrained": type(preset.pretrained)()})
             vae, _ = load_vae(random_preset, seed=0)
-            staged = inputs / ".random_vae.tmp"
-            shutil.rmtree(staged, ignore_errors=True)
+            staged = staging_dir(vae_dir)
             vae.save_pretrained(staged)
-            os.replace(staged, vae_dir)
+            publish_dir(staged, vae_dir)
     shards = inputs / "shards"
     cfg = PrepareConfig(
         resolution=preset.resolution,

@@ -11,6 +11,32 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+try:  # CI runs the same examples every time: a rare counterexample shows up where it was introduced
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, print_blob=True)
+    if os.environ.get("CI"):
+        settings.load_profile("ci")
+except ImportError:  # hypothesis is a test extra
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_settings() -> Iterator[None]:
+    """Each test leaves the process as it found it: library code under test sets torch's thread count
+    (the render pool's and the training workers' one-thread-per-CPU settings) and environment variables
+    (``DS_ACCELERATOR``), which would otherwise slow every later test or change what it computes."""
+    import torch
+
+    threads, env = torch.get_num_threads(), dict(os.environ)
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    for key in set(os.environ) - set(env):
+        del os.environ[key]
+    os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _own_torch_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     """An empty torch hub cache for the whole session: LPIPS/RAFT weights in a developer's own cache

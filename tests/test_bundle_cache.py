@@ -211,17 +211,29 @@ def test_limit_values(monkeypatch) -> None:
             bundle_cache_limit(bad)  # type: ignore[arg-type]
 
 
-def test_a_reader_waiting_on_a_lock_the_pruner_deletes_locks_the_new_file(tmp_path) -> None:
+def test_a_reader_waiting_on_a_lock_the_pruner_deletes_locks_the_new_file(tmp_path, monkeypatch) -> None:
     import threading
 
+    from consistent_avatar import bundle as bundle_module
     from consistent_avatar.bundle import _flock
 
     lock = cache_entry_lock_path(tmp_path / "a-0123456789abcdef")
     pruner = _flock(lock, fcntl.LOCK_EX)
+    waiting = threading.Event()
+    shared_calls: list[int] = []
+    real_flock = fcntl.flock
+
+    def flock(fd: int, operation: int) -> None:  # the reader's calls: say when it is about to block
+        if operation == fcntl.LOCK_SH:
+            shared_calls.append(os.fstat(fd).st_ino)
+            waiting.set()
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(bundle_module.fcntl, "flock", flock)
     got: list[int | None] = []
     reader = threading.Thread(target=lambda: got.append(_flock(lock, fcntl.LOCK_SH)))
     reader.start()
-    time.sleep(0.2)
+    assert waiting.wait(10)  # it holds the lock file open: whenever its flock runs, the file is the old one
     assert not got  # waiting for the pruner
     lock.unlink()  # the pruner removed the entry and its lock file, then lets go
     os.close(pruner)
@@ -229,6 +241,7 @@ def test_a_reader_waiting_on_a_lock_the_pruner_deletes_locks_the_new_file(tmp_pa
     assert got and got[0] is not None
     try:
         assert os.fstat(got[0]).st_ino == lock.stat().st_ino  # the file now at the path, not the deleted one
+        assert len(shared_calls) == 2  # it locked the deleted file, saw it gone, and locked the new one
         assert _flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB) is None  # so a second pruner cannot take it
     finally:
         os.close(got[0])

@@ -511,7 +511,10 @@ def test_a_render_stopped_mid_job_keeps_what_it_wrote_and_resumes(
 
     monkeypatch.undo()
     report = render(shards, bundles, out, RenderConfig(actors=["actor_000"], batch_size=1, concurrency=1, progress=False))
-    assert report.rendered.get("full", {}).get("actor_000", 0) == len(TEST_FRAMES) - len(kept)
+    # A write task held off the CPU past _settled may still publish its unit after ``kept`` was read:
+    # the re-run keeps that too, so count against what it found, not against ``kept``.
+    again = report.kept.get("full", {}).get("actor_000", 0)
+    assert again >= len(kept) and again + report.rendered.get("full", {}).get("actor_000", 0) == len(TEST_FRAMES)
     assert read_outputs(out, "full", "actor_000")["frame"].to_pylist() == TEST_FRAMES
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # nothing kept was rendered again
     assert (out / "full" / "actor_000" / "actor_000.mp4").is_file()

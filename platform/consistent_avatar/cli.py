@@ -103,7 +103,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         ("face-regressor", ["face-regressor", "--out", str(out / "face_regressor"), "--actors", "12",
                             "--frames-per-actor", "60", "--holdout-actors", "2", "--epochs", "8"]),
         ("train", ["train", "--shards", str(out / "shards"), "--actors", ",".join(actors), "--preset", "tiny",
-                   "--config", _demo_train_config(), "--out", str(out / "train"), "--cpus-per-worker", "0.5"]),
+                   "--config", _demo_train_config(), "--out", str(out / "train"), "--cpus-per-worker", "0.5",
+                   "--gpus-per-worker", "0"]),
         ("render", ["render", "--shards", str(out / "shards"), "--bundles", str(out / "train" / "bundles"),
                     "--out", str(out / "render"), "--rows", "all"]),
         ("evaluate", ["evaluate", "--run", str(out / "render"), "--face-estimator", str(out / "face_regressor")]),
@@ -172,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_prepare)
 
     d = sub.add_parser("demo", help="the whole method end to end on embedded defaults (local Ray, synthetic actors, CPU)")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--actors", type=int, default=2, help="synthetic actors")
-    d.add_argument("--frames", type=int, default=100, help="frames per actor (the last fifth is the test split)")
+    d.add_argument("--out", default="runs/demo", help="folder for every step's outputs; a re-run resumes (default: runs/demo)")
+    d.add_argument("--actors", type=int, default=2, help="synthetic actors (default 2)")
+    d.add_argument("--frames", type=int, default=100, help="frames per actor, the last fifth the test split (default 100)")
     d.set_defaults(func=_cmd_demo)
 
     from .training.cli import register_cli as register_train

@@ -22,8 +22,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set fcsd.iterations=2000 (repeatable)")
     t.add_argument("--workers", type=int, default=None, help="training workers per actor")
-    t.add_argument("--gpus-per-worker", type=float, default=None)
-    t.add_argument("--cpus-per-worker", type=float, default=None)
+    t.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per training worker; 0 trains on CPU even on a GPU cluster (default: 1 when the cluster has GPUs)")
+    t.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per training worker (default 1)")
     t.add_argument("--max-concurrent", type=int, default=None, help="cap on actors trained at once")
     t.add_argument("--checkpoint-storage", default=None, help="pyarrow-filesystem URI for checkpoints (s3://…)")
     t.add_argument("--until", default=None, help="last stage to train: vae, tsdm, lcm_tsdm, fcsd, lcm_fcsd")
@@ -46,8 +47,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         per_worker["CPU"] = args.cpus_per_worker
     if args.gpus_per_worker is not None:
         per_worker["GPU"] = args.gpus_per_worker
-        if args.gpus_per_worker > 0:
-            overrides.append("scaling.use_gpu=true")
+        overrides.append(f"scaling.use_gpu={'true' if args.gpus_per_worker > 0 else 'false'}")
     if per_worker:
         import json
 

@@ -304,15 +304,14 @@ def train_dataset(
 
     cols = list(dict.fromkeys([*columns, "split"]))
     ds = ray.data.read_parquet(list(files), columns=cols, num_cpus=num_cpus)
+    # No Ray Data progress bars (the derived datasets share this context, and so does the materialising
+    # read below): they would interleave with `cavatar train`'s own progress board, which shows steps/s.
+    ds.context.enable_progress_bars = False
     ds = ds.filter(expr=col("split") == "train", num_cpus=num_cpus)
     if passes > 1:
         base = ds.materialize()
         ds = base.union(*([base] * (passes - 1)))
-    ds = ds.randomize_block_order()
-    # The streaming executor of a training run lives as long as the stage; its per-operator bars
-    # would interleave with `cavatar train`'s own progress board, which already shows steps/s.
-    ds.context.enable_progress_bars = False
-    return ds
+    return ds.randomize_block_order()
 
 
 def read_rows(files: list[str] | tuple[str, ...], columns: list[str], count: int) -> dict[str, np.ndarray]:

@@ -309,6 +309,19 @@ def test_precomputed_latents_give_the_same_loss_as_images(preset, scheduler) -> 
 
 
 def test_from_pretrained_components_equal_the_in_memory_ones(preset, tmp_path: Path) -> None:
+    import logging
+
+    class Messages(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.seen: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.seen.append(record.getMessage())
+
+    diffusers_log = logging.getLogger("diffusers")  # diffusers' root logger does not propagate: listen there
+    messages = Messages()
+    diffusers_log.addHandler(messages)
     root = save_random_components(preset, tmp_path / "sd", seed=5)
     assert {p.name for p in root.iterdir()} >= {"unet", "vae", "text_encoder", "tokenizer"}
     pre = preset.with_pretrained(root=str(root))
@@ -340,6 +353,9 @@ def test_from_pretrained_components_equal_the_in_memory_ones(preset, tmp_path: P
                     for m in (loaded, memory)
                 ]
         assert torch.equal(outs[0], outs[1])
+    diffusers_log.removeHandler(messages)
+    # loaded without accelerate's meta-device path (not a dependency), and without diffusers' warning about it
+    assert not [m for m in messages.seen if "accelerate" in m]
 
 
 def test_a_three_channel_pretrained_controlnet_is_widened_to_z_c(preset, tmp_path: Path) -> None:

@@ -84,7 +84,7 @@ from . import __version__
 from .data.shards import emotion_table_schema
 from .errors import ConsistentAvatarError
 from .io import atomic_write_bytes, atomic_write_json, publish_dir, read_json, resolve_filesystem, staging_dir
-from .models.components import freeze, load_shared_components, load_vae
+from .models.components import LOCAL_LOAD, freeze, load_shared_components, load_vae
 from .models.decoupled_attention import DecoupledCrossAttnProcessor, set_decoupled_scale
 from .models.fcsd import FCSD
 from .models.lcm import LCMDistillConfig
@@ -1039,9 +1039,7 @@ def _as_vae(vae: AutoencoderKL | str | os.PathLike[str]) -> AutoencoderKL:
             f"vae = {str(path)!r} is not a diffusers AutoencoderKL directory (no config.json)"
         )
     try:
-        return AutoencoderKL.from_pretrained(
-            path, local_files_only=True, torch_dtype=torch.float32, low_cpu_mem_usage=False
-        )
+        return AutoencoderKL.from_pretrained(path, **LOCAL_LOAD)
     except (OSError, ValueError) as exc:
         raise ConsistentAvatarError(f"cannot load the VAE at {path}: {exc}") from exc
 
@@ -1481,9 +1479,7 @@ def _load_from(
             f"{preset.conditioning.emotion_dim}: export it again"
         )
     try:
-        vae = AutoencoderKL.from_pretrained(
-            root / VAE_DIR, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False
-        )
+        vae = AutoencoderKL.from_pretrained(root / VAE_DIR, **{**LOCAL_LOAD, "torch_dtype": dtype})
     except (OSError, ValueError) as exc:
         raise ConsistentAvatarError(
             f"bundle {root}: the VAE in {VAE_DIR}/ does not load ({exc}): export it again"

@@ -22,7 +22,9 @@ the identity is of the model *as diffusers loads it*:
   not touch the latent (``sample_size``, ``force_upcast``, ``latents_mean``/``latents_std``) and
   defaults another diffusers version adds do not tell two copies of one VAE apart.
 * ``format``: :data:`FORMAT`. An identity without it (``{"weights_sha256", "config"}``: the file hash
-  that shards prepared before this format recorded) never matches: re-prepare.
+  that shards prepared before this format recorded) never matches here: render encodes instead (re-prepare
+  to use the latents); training, which has always matched such shards by their VAE folder's path, still
+  does (:func:`consistent_avatar.training.data.shard_latents_problem`).
 """
 
 from __future__ import annotations
@@ -112,10 +114,11 @@ def model_identity(vae: Any) -> VAEIdentity:
 
 def vae_dir_identity(path: str | Path) -> VAEIdentity:
     """The identity of a diffusers ``AutoencoderKL`` folder, as loaded in float32 (loads its weights)."""
-    import torch
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(Path(path), local_files_only=True, torch_dtype=torch.float32)
+    from .models.components import LOCAL_LOAD
+
+    vae = AutoencoderKL.from_pretrained(Path(path), **LOCAL_LOAD)
     return model_identity(vae)
 
 

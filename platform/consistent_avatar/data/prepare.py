@@ -166,9 +166,10 @@ class ChunkWriter:
         if vae_path:
             from diffusers import AutoencoderKL
 
+            from ..models.components import LOCAL_LOAD
             from ..vae_identity import model_identity
 
-            vae = AutoencoderKL.from_pretrained(vae_path, local_files_only=True, torch_dtype=torch.float32)
+            vae = AutoencoderKL.from_pretrained(vae_path, **LOCAL_LOAD)
             # of the model that makes the latents (no second load), before it moves to the device
             self.vae_identity = json.dumps(model_identity(vae), sort_keys=True)
             self.vae = vae.to(self.device).eval()

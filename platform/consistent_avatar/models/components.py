@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RANDOM = "random"
+#: How a diffusers model loads from a local folder here: offline, in float32 (the dtype is set later, per
+#: device), and without accelerate's meta-device loading — accelerate is not a dependency, and diffusers,
+#: which falls back to this itself, would say so in every training worker's log.
+LOCAL_LOAD: dict[str, Any] = {"local_files_only": True, "torch_dtype": torch.float32, "low_cpu_mem_usage": False}
 
 
 @contextlib.contextmanager
@@ -97,7 +101,7 @@ def load_unet(preset: ModelPreset, *, seed: int = 0) -> tuple[UNet2DConditionMod
     """The base denoiser with ``in_channels`` = latent channels; each call returns a new instance."""
     path = preset.pretrained.resolve("unet")
     if path is not None:
-        unet = UNet2DConditionModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(path, **LOCAL_LOAD)
         _check_unet(unet, preset, str(path))
         if unet.config.in_channels != preset.latent_channels:
             raise ConsistentAvatarError(
@@ -116,7 +120,7 @@ def load_vae(preset: ModelPreset, *, seed: int = 0) -> tuple[AutoencoderKL, str]
     """The frozen image ↔ latent autoencoder."""
     path = preset.pretrained.resolve("vae")
     if path is not None:
-        vae = AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(path, **LOCAL_LOAD)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if factor != preset.vae.scale_factor or vae.config.latent_channels != preset.latent_channels:
             raise ConsistentAvatarError(
@@ -176,7 +180,7 @@ def load_controlnet(
     """
     path = preset.pretrained.resolve("controlnet")
     if path is not None:
-        controlnet = ControlNetModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+        controlnet = ControlNetModel.from_pretrained(path, **LOCAL_LOAD)
         got = controlnet.config.conditioning_channels
         if got != CONTROL_CHANNELS:
             if got > CONTROL_CHANNELS:

@@ -71,7 +71,7 @@ class RenderConfig(BaseModel):
         "Ray for; the pool leaves at least two such tasks' worth of the cluster's CPUs free",
     )
     dtype: DType = Field("auto", description="network dtype; auto = bfloat16 on GPU, float32 on CPU")
-    compile: bool = Field(False, description="torch.compile the UNets and ControlNets in each pool actor")
+    compile: bool = Field(False, description="torch.compile the UNets, ControlNets and VAE in each pool actor")
     compile_cache: str | None = Field(
         None,
         description="folder (ideally on a volume every node mounts) for torch.compile's cache, shared by the pool "

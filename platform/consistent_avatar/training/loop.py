@@ -156,9 +156,9 @@ def _perf(spec: StageSpec, cuda: bool, key: str) -> bool:
 
 _SPEED_MODULES = ("UNet2DConditionModel", "ControlNetModel", "AutoencoderKL")
 # Stages whose compiled step has been measured under CUDA graphs (compile mode reduce-overhead) on a
-# GPU: the default mode there (sd15 stage 3 on an H200: 126 -> 74 ms/step, benchmarks/README.md). The
-# others keep inductor's default mode until measured: stage 2 did not finish compiling inside a device
-# call, and the LCM stages call the compiled teacher / target several times a step.
+# GPU: the default mode there (sd15 stage 3 on an H200: 126 -> 80 ms/step, 74 with lean_zero_backward;
+# benchmarks/README.md). The others keep inductor's default mode until measured: stage 2 did not finish
+# compiling inside a device call, and the LCM stages call the compiled teacher / target several times a step.
 CUDA_GRAPH_STAGES = ("fcsd",)
 
 

@@ -247,9 +247,12 @@ def test_cli_parses_into_the_config(shards: Path, tmp_path: Path) -> None:
     assert cfg.scaling.num_workers == 2 and cfg.scaling.resources_per_worker == {"CPU": 0.5}
     assert (cfg.fcsd.iterations, cfg.until, cfg.max_concurrent_actors) == (7, "tsdm", 3)
     assert cfg.scaling.use_gpu is None  # GPUs when the cluster has them
-    for gpus, use_gpu in (("0", False), ("0.5", True)):  # 0 GPUs per worker: CPU training on a GPU cluster too
+    # 0 GPUs per worker: CPU training, also on a GPU cluster, with the default CPU per worker
+    for gpus, use_gpu, resources in (("0", False, None), ("0.5", True, {"GPU": 0.5})):
         on = config_from_args(parser.parse_args(["train", "--shards", "S", "--out", "O", "--gpus-per-worker", gpus]))
-        assert on.scaling.use_gpu is use_gpu and on.scaling.resources_per_worker == {"GPU": float(gpus)}
+        assert on.scaling.use_gpu is use_gpu and on.scaling.resources_per_worker == resources
+    with pytest.raises(ConsistentAvatarError, match="must ask for a positive amount"):
+        config_from_args(parser.parse_args(["train", "--shards", "S", "--out", "O", "--cpus-per-worker", "0"]))
     with pytest.raises(ConsistentAvatarError, match=r"\['nobody'\] are not in"):
         train(shards, ["nobody"], None, tmp_path / "r", cfg)
     with pytest.raises(ConsistentAvatarError, match="unknown model preset"):

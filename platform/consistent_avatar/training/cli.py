@@ -46,7 +46,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
     if args.cpus_per_worker is not None:
         per_worker["CPU"] = args.cpus_per_worker
     if args.gpus_per_worker is not None:
-        per_worker["GPU"] = args.gpus_per_worker
+        if args.gpus_per_worker > 0:
+            per_worker["GPU"] = args.gpus_per_worker
+        else:  # CPU workers, also on a GPU cluster (a zero entry would only be an empty ask to Ray)
+            per_worker.pop("GPU", None)
         overrides.append(f"scaling.use_gpu={'true' if args.gpus_per_worker > 0 else 'false'}")
     if per_worker:
         import json

@@ -110,6 +110,17 @@ class ScalingSection(_Strict):
         description="resources of each actor's driver task (e.g. a custom 'head' resource to keep it on a safe node)",
     )
 
+    @model_validator(mode="after")
+    def _asks_for_something(self) -> ScalingSection:
+        """Ray refuses a worker bundle of zeros only when the trainer starts; say it here, with the fix."""
+        res = self.resources_per_worker
+        if res is not None and (any(v < 0 for v in res.values()) or not any(v > 0 for v in res.values())):
+            raise ValueError(
+                f"resources_per_worker {res} must ask for a positive amount of something (and nothing negative), "
+                'e.g. {"CPU": 1} or {"CPU": 4, "GPU": 1}'
+            )
+        return self
+
 
 class DataSection(_Strict):
     use_latents: bool = Field(True, description="train on the shards' VAE latents when they match the model's VAE")

@@ -251,6 +251,11 @@ def test_cli_parses_into_the_config(shards: Path, tmp_path: Path) -> None:
     for gpus, use_gpu, resources in (("0", False, None), ("0.5", True, {"GPU": 0.5})):
         on = config_from_args(parser.parse_args(["train", "--shards", "S", "--out", "O", "--gpus-per-worker", gpus]))
         assert on.scaling.use_gpu is use_gpu and on.scaling.resources_per_worker == resources
+    gpu_config = tmp_path / "gpu.json"  # a config asking for a GPU per worker, overridden on the command line
+    gpu_config.write_text(json.dumps({"scaling": {"resources_per_worker": {"GPU": 1}}}))
+    off = config_from_args(parser.parse_args(["train", "--shards", "S", "--out", "O", "--config", str(gpu_config),
+                                              "--gpus-per-worker", "0"]))
+    assert off.scaling.use_gpu is False and off.scaling.resources_per_worker is None
     with pytest.raises(ConsistentAvatarError, match="must ask for a positive amount"):
         config_from_args(parser.parse_args(["train", "--shards", "S", "--out", "O", "--cpus-per-worker", "0"]))
     with pytest.raises(ConsistentAvatarError, match=r"\['nobody'\] are not in"):

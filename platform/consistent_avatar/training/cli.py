@@ -51,10 +51,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
         else:  # CPU workers, also on a GPU cluster (a zero entry would only be an empty ask to Ray)
             per_worker.pop("GPU", None)
         overrides.append(f"scaling.use_gpu={'true' if args.gpus_per_worker > 0 else 'false'}")
-    if per_worker:
+    if args.cpus_per_worker is not None or args.gpus_per_worker is not None:
         import json
 
-        overrides.append(f"scaling.resources_per_worker={json.dumps(per_worker)}")
+        # null when nothing is left (a config's lone GPU entry under --gpus-per-worker 0): the default CPU
+        overrides.append(f"scaling.resources_per_worker={json.dumps(per_worker or None)}")
     if args.max_concurrent is not None:
         overrides.append(f"max_concurrent_actors={args.max_concurrent}")
     if args.checkpoint_storage:
